@@ -1,0 +1,198 @@
+//! The pool configuration (`--config`, TOML). Parsing and checking only; the driver opens the
+//! pools.
+//!
+//! ```toml
+//! [[pool]]
+//! name = "fast"
+//! kind = "dir"
+//! path = "/mnt/nvme0/stowage"
+//! default_size = "1Gi"
+//! ```
+
+use std::collections::BTreeSet;
+use std::path::{Component, Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::size::parse_size;
+use crate::{Error, Result};
+
+/// Size given to a volume whose request names no capacity, unless the pool says otherwise.
+pub const DEFAULT_VOLUME_SIZE: u64 = 1 << 30;
+
+/// The name of the pool used when a StorageClass names none and no config is given.
+pub const DEFAULT_POOL: &str = "default";
+
+/// The whole configuration file.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The pools of this node; the first one is the default.
+    #[serde(default, rename = "pool")]
+    pub pools: Vec<PoolConfig>,
+    /// Advertised as `max_volumes_per_node` by NodeGetInfo when set.
+    #[serde(default)]
+    pub max_volumes_per_node: Option<i64>,
+}
+
+/// Backend kinds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolKind {
+    /// A directory per volume, capacity by project quota where the filesystem has it.
+    Dir,
+}
+
+impl PoolKind {
+    /// The name used in configs and volume contexts.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PoolKind::Dir => "dir",
+        }
+    }
+}
+
+/// One pool.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolConfig {
+    /// Name a StorageClass uses in its `pool` parameter.
+    pub name: String,
+    /// Backend kind.
+    pub kind: PoolKind,
+    /// Absolute host directory the pool lives in (created if missing).
+    pub path: PathBuf,
+    /// Size of volumes whose request names none (`1Gi` when absent).
+    #[serde(default)]
+    pub default_size: Option<String>,
+}
+
+impl PoolConfig {
+    /// The default volume size in bytes.
+    pub fn default_size_bytes(&self) -> Result<u64> {
+        match &self.default_size {
+            None => Ok(DEFAULT_VOLUME_SIZE),
+            Some(s) => parse_size(s),
+        }
+    }
+}
+
+impl Config {
+    /// Parses and checks a TOML configuration.
+    pub fn from_toml(text: &str) -> Result<Self> {
+        let cfg: Config =
+            toml::from_str(text).map_err(|e| Error::invalid(format!("config: {e}")))?;
+        cfg.check()?;
+        Ok(cfg)
+    }
+
+    /// The embedded default: one `dir` pool named `default` under the state directory.
+    pub fn embedded_default(state_dir: &Path) -> Self {
+        Config {
+            pools: vec![PoolConfig {
+                name: DEFAULT_POOL.to_owned(),
+                kind: PoolKind::Dir,
+                path: state_dir.join("pools").join(DEFAULT_POOL),
+                default_size: None,
+            }],
+            max_volumes_per_node: None,
+        }
+    }
+
+    /// Checks names, paths and sizes.
+    pub fn check(&self) -> Result<()> {
+        if self.pools.is_empty() {
+            return Err(Error::invalid("config: at least one [[pool]] is required"));
+        }
+        let mut names = BTreeSet::new();
+        for pool in &self.pools {
+            check_pool_name(&pool.name)?;
+            if !names.insert(pool.name.as_str()) {
+                return Err(Error::invalid(format!(
+                    "config: pool {:?} is declared twice",
+                    pool.name
+                )));
+            }
+            if !pool.path.is_absolute()
+                || pool
+                    .path
+                    .components()
+                    .any(|c| matches!(c, Component::ParentDir))
+            {
+                return Err(Error::invalid(format!(
+                    "config: pool {:?} path {:?} must be absolute and free of '..'",
+                    pool.name, pool.path
+                )));
+            }
+            pool.default_size_bytes()
+                .map_err(|e| Error::invalid(format!("config: pool {:?}: {e}", pool.name)))?;
+        }
+        if let Some(n) = self.max_volumes_per_node {
+            if n <= 0 {
+                return Err(Error::invalid(
+                    "config: max_volumes_per_node must be positive",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Pool names: 1–63 characters of `[a-z0-9-]`, starting and ending alphanumeric.
+pub fn check_pool_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'-'))
+        && !name.starts_with('-')
+        && !name.ends_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::invalid(format!(
+            "pool name {name:?} must be 1-63 characters of a-z, 0-9 and '-', starting and ending alphanumeric"
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_pools() {
+        let cfg = Config::from_toml(
+            "[[pool]]\nname = \"fast\"\nkind = \"dir\"\npath = \"/srv/fast\"\ndefault_size = \"2Gi\"\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.pools[0].name, "fast");
+        assert_eq!(cfg.pools[0].default_size_bytes().unwrap(), 2 << 30);
+    }
+
+    #[test]
+    fn rejects_bad_configs() {
+        for bad in [
+            "",
+            "[[pool]]\nname = \"Fast\"\nkind = \"dir\"\npath = \"/srv\"\n",
+            "[[pool]]\nname = \"a\"\nkind = \"dir\"\npath = \"rel\"\n",
+            "[[pool]]\nname = \"a\"\nkind = \"dir\"\npath = \"/srv/../etc\"\n",
+            "[[pool]]\nname = \"a\"\nkind = \"nfs\"\npath = \"/srv\"\n",
+            "[[pool]]\nname = \"a\"\nkind = \"dir\"\npath = \"/srv\"\nextra = 1\n",
+            "[[pool]]\nname = \"a\"\nkind = \"dir\"\npath = \"/a\"\n[[pool]]\nname = \"a\"\nkind = \"dir\"\npath = \"/b\"\n",
+            "[[pool]]\nname = \"a\"\nkind = \"dir\"\npath = \"/a\"\ndefault_size = \"lots\"\n",
+        ] {
+            assert!(Config::from_toml(bad).is_err(), "accepted {bad:?}");
+        }
+    }
+
+    #[test]
+    fn embedded_default_is_valid() {
+        let cfg = Config::embedded_default(Path::new("/var/lib/stowage"));
+        cfg.check().unwrap();
+        assert_eq!(
+            cfg.pools[0].path,
+            Path::new("/var/lib/stowage/pools/default")
+        );
+    }
+}

@@ -1,0 +1,694 @@
+//! Typed requests: every CSI request the driver serves is turned into one of these by
+//! `TryFrom`, before any I/O. A value of these types has passed every check that needs no
+//! state; what needs the store or the kernel (does the volume exist, is the pool there) is
+//! checked by the engine.
+
+use std::collections::{BTreeMap, HashMap};
+
+use stowage_csi::v1 as csi;
+use stowage_csi::v1::volume_capability::access_mode::Mode;
+
+use crate::ids::{check_csi_string, VolumeName, VolumeRef};
+use crate::{Error, Result};
+
+/// Parameter naming the pool in a StorageClass.
+pub const PARAM_POOL: &str = "pool";
+/// Added by the external-provisioner with `--extra-create-metadata`.
+pub const PARAM_PVC_NAME: &str = "csi.storage.k8s.io/pvc/name";
+/// Added by the external-provisioner with `--extra-create-metadata`.
+pub const PARAM_PVC_NAMESPACE: &str = "csi.storage.k8s.io/pvc/namespace";
+/// Added by the external-provisioner with `--extra-create-metadata`.
+pub const PARAM_PV_NAME: &str = "csi.storage.k8s.io/pv/name";
+
+/// The CSI limit on a map field.
+pub const MAX_MAP_BYTES: usize = 4096;
+
+/// How a volume is accessed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Access {
+    /// A filesystem mounted at the target.
+    Mount(MountOptions),
+    /// A raw block device at the target.
+    Block,
+}
+
+/// The `mount` access type's fields.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct MountOptions {
+    /// Requested filesystem type, empty for "the pool's".
+    pub fs_type: String,
+    /// Mount flags, from the allow-list.
+    pub flags: Vec<MountFlag>,
+}
+
+/// Mount flags a CO may ask for. `nosuid` and `nodev` are applied to every publication
+/// anyway; flags that would weaken that (`suid`, `dev`, `exec` overriding a class) are refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum MountFlag {
+    ReadOnly,
+    ReadWrite,
+    NoExec,
+    NoSuid,
+    NoDev,
+    NoAtime,
+    NoDirAtime,
+    RelAtime,
+}
+
+impl MountFlag {
+    /// Parses one flag of the allow-list.
+    pub fn parse(s: &str) -> Result<Self> {
+        Ok(match s {
+            "ro" => MountFlag::ReadOnly,
+            "rw" => MountFlag::ReadWrite,
+            "noexec" => MountFlag::NoExec,
+            "nosuid" => MountFlag::NoSuid,
+            "nodev" => MountFlag::NoDev,
+            "noatime" => MountFlag::NoAtime,
+            "nodiratime" => MountFlag::NoDirAtime,
+            "relatime" => MountFlag::RelAtime,
+            other => {
+                return Err(Error::InvalidArgument(format!(
+                    "mount flag {other:?} is not allowed; allowed: ro, rw, noexec, nosuid, nodev, noatime, nodiratime, relatime"
+                )))
+            }
+        })
+    }
+
+    /// The flag as written in a mount table.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MountFlag::ReadOnly => "ro",
+            MountFlag::ReadWrite => "rw",
+            MountFlag::NoExec => "noexec",
+            MountFlag::NoSuid => "nosuid",
+            MountFlag::NoDev => "nodev",
+            MountFlag::NoAtime => "noatime",
+            MountFlag::NoDirAtime => "nodiratime",
+            MountFlag::RelAtime => "relatime",
+        }
+    }
+}
+
+/// CSI access modes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AccessMode {
+    SingleNodeWriter,
+    SingleNodeReaderOnly,
+    SingleNodeSingleWriter,
+    SingleNodeMultiWriter,
+    MultiNodeReaderOnly,
+    MultiNodeSingleWriter,
+    MultiNodeMultiWriter,
+}
+
+impl AccessMode {
+    fn from_wire(v: i32) -> Result<Self> {
+        Ok(match Mode::try_from(v) {
+            Ok(Mode::SingleNodeWriter) => AccessMode::SingleNodeWriter,
+            Ok(Mode::SingleNodeReaderOnly) => AccessMode::SingleNodeReaderOnly,
+            Ok(Mode::SingleNodeSingleWriter) => AccessMode::SingleNodeSingleWriter,
+            Ok(Mode::SingleNodeMultiWriter) => AccessMode::SingleNodeMultiWriter,
+            Ok(Mode::MultiNodeReaderOnly) => AccessMode::MultiNodeReaderOnly,
+            Ok(Mode::MultiNodeSingleWriter) => AccessMode::MultiNodeSingleWriter,
+            Ok(Mode::MultiNodeMultiWriter) => AccessMode::MultiNodeMultiWriter,
+            Ok(Mode::Unknown) | Err(_) => {
+                return Err(Error::InvalidArgument(format!(
+                    "volume_capability.access_mode.mode {v} is not a known access mode"
+                )))
+            }
+        })
+    }
+
+    /// The wire value.
+    pub fn to_wire(self) -> Mode {
+        match self {
+            AccessMode::SingleNodeWriter => Mode::SingleNodeWriter,
+            AccessMode::SingleNodeReaderOnly => Mode::SingleNodeReaderOnly,
+            AccessMode::SingleNodeSingleWriter => Mode::SingleNodeSingleWriter,
+            AccessMode::SingleNodeMultiWriter => Mode::SingleNodeMultiWriter,
+            AccessMode::MultiNodeReaderOnly => Mode::MultiNodeReaderOnly,
+            AccessMode::MultiNodeSingleWriter => Mode::MultiNodeSingleWriter,
+            AccessMode::MultiNodeMultiWriter => Mode::MultiNodeMultiWriter,
+        }
+    }
+
+    /// A local volume lives on one node: every MULTI_NODE mode is beyond what it can honour.
+    pub fn is_multi_node(self) -> bool {
+        matches!(
+            self,
+            AccessMode::MultiNodeReaderOnly
+                | AccessMode::MultiNodeSingleWriter
+                | AccessMode::MultiNodeMultiWriter
+        )
+    }
+
+    /// Modes that only allow reading.
+    pub fn is_read_only(self) -> bool {
+        matches!(
+            self,
+            AccessMode::SingleNodeReaderOnly | AccessMode::MultiNodeReaderOnly
+        )
+    }
+
+    /// Name as the spec spells it.
+    pub fn name(self) -> &'static str {
+        self.to_wire().as_str_name()
+    }
+}
+
+/// One volume capability.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Capability {
+    pub access: Access,
+    pub mode: AccessMode,
+}
+
+impl Capability {
+    /// Validates one capability from the wire.
+    pub fn from_wire(cap: &csi::VolumeCapability) -> Result<Self> {
+        use csi::volume_capability::AccessType;
+        let access = match &cap.access_type {
+            None => {
+                return Err(Error::invalid(
+                    "volume_capability.access_type is required (mount or block)",
+                ))
+            }
+            Some(AccessType::Block(_)) => Access::Block,
+            Some(AccessType::Mount(m)) => {
+                check_csi_string("volume_capability.mount.fs_type", &m.fs_type)?;
+                if !m.fs_type.bytes().all(|b| b.is_ascii_alphanumeric()) {
+                    return Err(Error::InvalidArgument(format!(
+                        "volume_capability.mount.fs_type {:?} is not a filesystem type name",
+                        m.fs_type
+                    )));
+                }
+                if !m.volume_mount_group.is_empty() {
+                    return Err(Error::invalid(
+                        "volume_capability.mount.volume_mount_group is not supported (no VOLUME_MOUNT_GROUP capability)",
+                    ));
+                }
+                let mut flags = Vec::with_capacity(m.mount_flags.len());
+                for f in &m.mount_flags {
+                    // A flag string may carry several comma-separated options.
+                    for part in f.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+                        let flag = MountFlag::parse(part)?;
+                        if !flags.contains(&flag) {
+                            flags.push(flag);
+                        }
+                    }
+                }
+                if flags.contains(&MountFlag::ReadOnly) && flags.contains(&MountFlag::ReadWrite) {
+                    return Err(Error::invalid("mount flags ask for both ro and rw"));
+                }
+                flags.sort();
+                Access::Mount(MountOptions {
+                    fs_type: m.fs_type.clone(),
+                    flags,
+                })
+            }
+        };
+        let mode = match &cap.access_mode {
+            None => return Err(Error::invalid("volume_capability.access_mode is required")),
+            Some(m) => AccessMode::from_wire(m.mode)?,
+        };
+        Ok(Capability { access, mode })
+    }
+
+    /// Validates a required, non-empty list of capabilities.
+    pub fn list_from_wire(caps: &[csi::VolumeCapability]) -> Result<Vec<Self>> {
+        if caps.is_empty() {
+            return Err(Error::invalid("volume_capabilities is required"));
+        }
+        caps.iter().map(Capability::from_wire).collect()
+    }
+
+    /// Whether this is a block capability.
+    pub fn is_block(&self) -> bool {
+        matches!(self.access, Access::Block)
+    }
+}
+
+/// The capacity range of a request, after the spec's rules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CapacityRange {
+    /// At least this many bytes (0: no minimum).
+    pub required: u64,
+    /// At most this many bytes (None: no maximum).
+    pub limit: Option<u64>,
+}
+
+impl CapacityRange {
+    /// Validates a wire capacity range. Negative numbers are INVALID_ARGUMENT; a limit below
+    /// the required size can never be satisfied: OUT_OF_RANGE.
+    pub fn from_wire(r: Option<&csi::CapacityRange>) -> Result<Self> {
+        let Some(r) = r else {
+            return Ok(Self::default());
+        };
+        if r.required_bytes < 0 || r.limit_bytes < 0 {
+            return Err(Error::InvalidArgument(format!(
+                "capacity_range must not be negative (required_bytes {}, limit_bytes {})",
+                r.required_bytes, r.limit_bytes
+            )));
+        }
+        let required = r.required_bytes as u64;
+        let limit = (r.limit_bytes > 0).then_some(r.limit_bytes as u64);
+        if let Some(limit) = limit {
+            if limit < required {
+                return Err(Error::OutOfRange(format!(
+                    "capacity_range.limit_bytes {limit} is below required_bytes {required}"
+                )));
+            }
+        }
+        Ok(CapacityRange { required, limit })
+    }
+
+    /// Whether a volume of `bytes` satisfies this range.
+    pub fn admits(&self, bytes: u64) -> bool {
+        bytes >= self.required && self.limit.is_none_or(|l| bytes <= l)
+    }
+
+    /// Picks the size to provision: the required size (or `default` when none is given and
+    /// the limit allows it) rounded up to `granule`, but never past the limit.
+    pub fn choose(&self, default: u64, granule: u64) -> u64 {
+        let want = if self.required > 0 {
+            self.required
+        } else {
+            self.limit.map_or(default, |l| default.min(l))
+        };
+        let rounded = want.div_ceil(granule).saturating_mul(granule);
+        match self.limit {
+            Some(l) if rounded > l => want,
+            _ => rounded,
+        }
+    }
+}
+
+/// One topology segment set.
+pub type Segments = BTreeMap<String, String>;
+
+fn segments_from_wire(field: &str, t: &csi::Topology) -> Result<Segments> {
+    check_map(field, &t.segments)?;
+    Ok(t.segments
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect())
+}
+
+/// Accessibility requirements of a CreateVolume.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TopologyRequirement {
+    pub requisite: Vec<Segments>,
+    pub preferred: Vec<Segments>,
+}
+
+impl TopologyRequirement {
+    fn from_wire(t: &csi::TopologyRequirement) -> Result<Self> {
+        Ok(TopologyRequirement {
+            requisite: t
+                .requisite
+                .iter()
+                .map(|s| segments_from_wire("accessibility_requirements.requisite", s))
+                .collect::<Result<_>>()?,
+            preferred: t
+                .preferred
+                .iter()
+                .map(|s| segments_from_wire("accessibility_requirements.preferred", s))
+                .collect::<Result<_>>()?,
+        })
+    }
+
+    /// Whether a volume accessible from exactly `ours` satisfies the requirement: with a
+    /// requisite list, `ours` must be in it; preferred entries only rank, they never exclude.
+    pub fn admits(&self, ours: &Segments) -> bool {
+        self.requisite.is_empty() || self.requisite.iter().any(|s| s == ours)
+    }
+}
+
+/// StorageClass parameters of CreateVolume (and GetCapacity).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct VolumeParams {
+    /// The pool, if named.
+    pub pool: Option<String>,
+    pub pvc_name: Option<String>,
+    pub pvc_namespace: Option<String>,
+    pub pv_name: Option<String>,
+}
+
+impl VolumeParams {
+    /// Validates a parameters map: known keys only, each named when refused.
+    pub fn from_wire(params: &HashMap<String, String>) -> Result<Self> {
+        check_map("parameters", params)?;
+        let mut out = VolumeParams::default();
+        let mut keys: Vec<&String> = params.keys().collect();
+        keys.sort();
+        for key in keys {
+            let value = &params[key];
+            match key.as_str() {
+                PARAM_POOL => {
+                    crate::config::check_pool_name(value)?;
+                    out.pool = Some(value.clone());
+                }
+                PARAM_PVC_NAME => out.pvc_name = Some(value.clone()),
+                PARAM_PVC_NAMESPACE => out.pvc_namespace = Some(value.clone()),
+                PARAM_PV_NAME => out.pv_name = Some(value.clone()),
+                other => {
+                    return Err(Error::InvalidArgument(format!(
+                        "parameter {other:?} is not known; accepted: {PARAM_POOL}, {PARAM_PVC_NAME}, {PARAM_PVC_NAMESPACE}, {PARAM_PV_NAME}"
+                    )))
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn check_map(field: &str, map: &HashMap<String, String>) -> Result<()> {
+    let bytes: usize = map.iter().map(|(k, v)| k.len() + v.len()).sum();
+    if bytes > MAX_MAP_BYTES {
+        return Err(Error::InvalidArgument(format!(
+            "{field} holds {bytes} bytes; CSI allows at most {MAX_MAP_BYTES}"
+        )));
+    }
+    for (k, v) in map {
+        check_csi_string(&format!("{field} key"), k)?;
+        check_csi_string(&format!("{field}[{k:?}]"), v)?;
+    }
+    Ok(())
+}
+
+/// A validated CreateVolume.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CreateVolume {
+    pub name: VolumeName,
+    pub capacity: CapacityRange,
+    pub capabilities: Vec<Capability>,
+    pub params: VolumeParams,
+    pub topology: Option<TopologyRequirement>,
+}
+
+impl TryFrom<&csi::CreateVolumeRequest> for CreateVolume {
+    type Error = Error;
+
+    fn try_from(req: &csi::CreateVolumeRequest) -> Result<Self> {
+        let name = VolumeName::parse(&req.name)?;
+        let capabilities = Capability::list_from_wire(&req.volume_capabilities)?;
+        let capacity = CapacityRange::from_wire(req.capacity_range.as_ref())?;
+        let params = VolumeParams::from_wire(&req.parameters)?;
+        if !req.mutable_parameters.is_empty() {
+            return Err(Error::invalid(
+                "mutable_parameters are not supported (no MODIFY_VOLUME capability)",
+            ));
+        }
+        if req.volume_content_source.is_some() {
+            return Err(Error::invalid(
+                "volume_content_source is not supported: this driver does not offer snapshots or clones yet",
+            ));
+        }
+        let topology = req
+            .accessibility_requirements
+            .as_ref()
+            .map(TopologyRequirement::from_wire)
+            .transpose()?;
+        Ok(CreateVolume {
+            name,
+            capacity,
+            capabilities,
+            params,
+            topology,
+        })
+    }
+}
+
+/// A validated DeleteVolume.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeleteVolume {
+    pub volume: VolumeRef,
+}
+
+impl TryFrom<&csi::DeleteVolumeRequest> for DeleteVolume {
+    type Error = Error;
+    fn try_from(req: &csi::DeleteVolumeRequest) -> Result<Self> {
+        Ok(DeleteVolume {
+            volume: VolumeRef::from_request(&req.volume_id)?,
+        })
+    }
+}
+
+/// A validated ValidateVolumeCapabilities.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ValidateCapabilities {
+    pub volume: VolumeRef,
+    pub capabilities: Vec<Capability>,
+    pub volume_context: HashMap<String, String>,
+    pub parameters: HashMap<String, String>,
+}
+
+impl TryFrom<&csi::ValidateVolumeCapabilitiesRequest> for ValidateCapabilities {
+    type Error = Error;
+    fn try_from(req: &csi::ValidateVolumeCapabilitiesRequest) -> Result<Self> {
+        let volume = VolumeRef::from_request(&req.volume_id)?;
+        let capabilities = Capability::list_from_wire(&req.volume_capabilities)?;
+        check_map("volume_context", &req.volume_context)?;
+        check_map("parameters", &req.parameters)?;
+        Ok(ValidateCapabilities {
+            volume,
+            capabilities,
+            volume_context: req.volume_context.clone(),
+            parameters: req.parameters.clone(),
+        })
+    }
+}
+
+/// A validated ListVolumes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListVolumes {
+    /// At most this many entries (None: all).
+    pub max_entries: Option<u32>,
+    /// Where to continue.
+    pub starting_token: Option<String>,
+}
+
+impl TryFrom<&csi::ListVolumesRequest> for ListVolumes {
+    type Error = Error;
+    fn try_from(req: &csi::ListVolumesRequest) -> Result<Self> {
+        if req.max_entries < 0 {
+            return Err(Error::InvalidArgument(format!(
+                "max_entries must not be negative, got {}",
+                req.max_entries
+            )));
+        }
+        check_csi_string("starting_token", &req.starting_token)?;
+        Ok(ListVolumes {
+            max_entries: (req.max_entries > 0).then_some(req.max_entries as u32),
+            starting_token: (!req.starting_token.is_empty()).then(|| req.starting_token.clone()),
+        })
+    }
+}
+
+/// A validated GetCapacity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GetCapacity {
+    pub capabilities: Vec<Capability>,
+    pub params: VolumeParams,
+    pub topology: Option<Segments>,
+}
+
+impl TryFrom<&csi::GetCapacityRequest> for GetCapacity {
+    type Error = Error;
+    fn try_from(req: &csi::GetCapacityRequest) -> Result<Self> {
+        Ok(GetCapacity {
+            capabilities: req
+                .volume_capabilities
+                .iter()
+                .map(Capability::from_wire)
+                .collect::<Result<_>>()?,
+            params: VolumeParams::from_wire(&req.parameters)?,
+            topology: req
+                .accessible_topology
+                .as_ref()
+                .map(|t| segments_from_wire("accessible_topology", t))
+                .transpose()?,
+        })
+    }
+}
+
+/// A validated ControllerGetVolume.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GetVolume {
+    pub volume: VolumeRef,
+}
+
+impl TryFrom<&csi::ControllerGetVolumeRequest> for GetVolume {
+    type Error = Error;
+    fn try_from(req: &csi::ControllerGetVolumeRequest) -> Result<Self> {
+        Ok(GetVolume {
+            volume: VolumeRef::from_request(&req.volume_id)?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use csi::volume_capability::{AccessMode as WireMode, AccessType, BlockVolume, MountVolume};
+
+    fn mount_cap(mode: Mode, flags: &[&str]) -> csi::VolumeCapability {
+        csi::VolumeCapability {
+            access_type: Some(AccessType::Mount(MountVolume {
+                fs_type: String::new(),
+                mount_flags: flags.iter().map(|s| s.to_string()).collect(),
+                volume_mount_group: String::new(),
+            })),
+            access_mode: Some(WireMode { mode: mode as i32 }),
+        }
+    }
+
+    fn create(name: &str) -> csi::CreateVolumeRequest {
+        csi::CreateVolumeRequest {
+            name: name.into(),
+            volume_capabilities: vec![mount_cap(Mode::SingleNodeWriter, &[])],
+            ..Default::default()
+        }
+    }
+
+    fn code_of<T: std::fmt::Debug>(r: Result<T>) -> tonic::Code {
+        r.map(|_| tonic::Code::Ok).unwrap_or_else(|e| e.code())
+    }
+
+    #[test]
+    fn create_volume_validation_table() {
+        use tonic::Code::*;
+        let mut cases: Vec<(&str, csi::CreateVolumeRequest, tonic::Code)> = Vec::new();
+        cases.push(("plain", create("pvc-1"), Ok));
+        cases.push(("no name", create(""), InvalidArgument));
+        cases.push(("long name", create(&"x".repeat(129)), InvalidArgument));
+        let mut r = create("a");
+        r.volume_capabilities.clear();
+        cases.push(("no caps", r, InvalidArgument));
+        let mut r = create("a");
+        r.volume_capabilities[0].access_type = None;
+        cases.push(("no access type", r, InvalidArgument));
+        let mut r = create("a");
+        r.volume_capabilities[0].access_mode = None;
+        cases.push(("no access mode", r, InvalidArgument));
+        let mut r = create("a");
+        r.volume_capabilities[0].access_mode = Some(WireMode { mode: 0 });
+        cases.push(("unknown mode", r, InvalidArgument));
+        let mut r = create("a");
+        r.volume_capabilities[0].access_mode = Some(WireMode { mode: 99 });
+        cases.push(("mode out of enum", r, InvalidArgument));
+        let mut r = create("a");
+        r.volume_capabilities = vec![mount_cap(Mode::SingleNodeWriter, &["exec"])];
+        cases.push(("flag not allowed", r, InvalidArgument));
+        let mut r = create("a");
+        r.volume_capabilities = vec![mount_cap(Mode::SingleNodeWriter, &["ro,noatime"])];
+        cases.push(("flags comma separated", r, Ok));
+        let mut r = create("a");
+        r.volume_capabilities[0].access_type = Some(AccessType::Block(BlockVolume {}));
+        cases.push(("block parses (pool decides)", r, Ok));
+        let mut r = create("a");
+        r.capacity_range = Some(csi::CapacityRange {
+            required_bytes: -1,
+            limit_bytes: 0,
+        });
+        cases.push(("negative", r, InvalidArgument));
+        let mut r = create("a");
+        r.capacity_range = Some(csi::CapacityRange {
+            required_bytes: 10,
+            limit_bytes: 5,
+        });
+        cases.push(("limit below required", r, OutOfRange));
+        let mut r = create("a");
+        r.parameters.insert("pool".into(), "fast".into());
+        r.parameters.insert(PARAM_PVC_NAME.into(), "data".into());
+        cases.push(("known params", r, Ok));
+        let mut r = create("a");
+        r.parameters.insert("replicas".into(), "3".into());
+        cases.push(("unknown param", r, InvalidArgument));
+        let mut r = create("a");
+        r.parameters.insert("pool".into(), "../etc".into());
+        cases.push(("bad pool name", r, InvalidArgument));
+        let mut r = create("a");
+        r.mutable_parameters.insert("iops".into(), "1".into());
+        cases.push(("mutable params", r, InvalidArgument));
+        let mut r = create("a");
+        r.volume_content_source = Some(csi::VolumeContentSource::default());
+        cases.push(("content source", r, InvalidArgument));
+        for (what, req, want) in cases {
+            assert_eq!(code_of(CreateVolume::try_from(&req)), want, "{what}");
+        }
+    }
+
+    #[test]
+    fn unknown_param_is_named() {
+        let mut r = create("a");
+        r.parameters.insert("replicas".into(), "3".into());
+        let err = CreateVolume::try_from(&r).unwrap_err();
+        assert!(err.to_string().contains("replicas"), "{err}");
+    }
+
+    #[test]
+    fn capacity_choice() {
+        let gi = 1u64 << 30;
+        let r = CapacityRange::default();
+        assert_eq!(r.choose(gi, 4096), gi);
+        let r = CapacityRange {
+            required: 1000,
+            limit: None,
+        };
+        assert_eq!(r.choose(gi, 4096), 4096);
+        let r = CapacityRange {
+            required: 1000,
+            limit: Some(2000),
+        };
+        assert_eq!(r.choose(gi, 4096), 1000);
+        let r = CapacityRange {
+            required: 0,
+            limit: Some(1 << 20),
+        };
+        assert_eq!(r.choose(gi, 4096), 1 << 20);
+        assert!(r.admits(1 << 20));
+        assert!(!r.admits((1 << 20) + 1));
+    }
+
+    #[test]
+    fn list_volumes_validation() {
+        let bad = csi::ListVolumesRequest {
+            max_entries: -1,
+            starting_token: String::new(),
+        };
+        assert_eq!(
+            code_of(ListVolumes::try_from(&bad)),
+            tonic::Code::InvalidArgument
+        );
+        let ok = csi::ListVolumesRequest {
+            max_entries: 5,
+            starting_token: "7".into(),
+        };
+        let l = ListVolumes::try_from(&ok).unwrap();
+        assert_eq!(l.max_entries, Some(5));
+        assert_eq!(l.starting_token.as_deref(), Some("7"));
+    }
+
+    #[test]
+    fn topology_requisite_must_name_us() {
+        let ours: Segments = [("k".to_string(), "n1".to_string())].into();
+        let other: Segments = [("k".to_string(), "n2".to_string())].into();
+        let t = TopologyRequirement {
+            requisite: vec![other.clone()],
+            preferred: vec![],
+        };
+        assert!(!t.admits(&ours));
+        let t = TopologyRequirement {
+            requisite: vec![other.clone(), ours.clone()],
+            preferred: vec![],
+        };
+        assert!(t.admits(&ours));
+        let t = TopologyRequirement {
+            requisite: vec![],
+            preferred: vec![other],
+        };
+        assert!(t.admits(&ours));
+    }
+}
