@@ -528,6 +528,185 @@ impl TryFrom<&csi::ControllerGetVolumeRequest> for GetVolume {
     }
 }
 
+/// The longest host path accepted in a node request.
+pub const MAX_PATH_BYTES: usize = 4096;
+
+/// An absolute host path from a node request: absolute, normalised (no `.`, `..` or empty
+/// components), no NUL. Whether it lies under an allowed kubelet directory, and whether any
+/// component is a symlink, is checked by the node engine.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct HostPath(std::path::PathBuf);
+
+impl HostPath {
+    /// Validates `field` of a request.
+    pub fn parse(field: &str, s: &str) -> Result<Self> {
+        use std::path::{Component, Path};
+        if s.is_empty() {
+            return Err(Error::InvalidArgument(format!("{field} is required")));
+        }
+        if s.len() > MAX_PATH_BYTES || s.contains('\0') {
+            return Err(Error::InvalidArgument(format!(
+                "{field} is longer than {MAX_PATH_BYTES} bytes or contains a NUL"
+            )));
+        }
+        let path = Path::new(s);
+        if !path.is_absolute() {
+            return Err(Error::InvalidArgument(format!(
+                "{field} {s:?} must be absolute"
+            )));
+        }
+        // Path::components folds "a//b" and a trailing "/", and drops inner "."; rejecting
+        // any "." or ".." in the raw string keeps the path exactly what it appears to be.
+        if s.split('/').any(|c| c == "." || c == "..") {
+            return Err(Error::InvalidArgument(format!(
+                "{field} {s:?} must not contain '.' or '..' components"
+            )));
+        }
+        let normal: std::path::PathBuf = path.components().collect();
+        if normal
+            .components()
+            .any(|c| !matches!(c, Component::RootDir | Component::Normal(_)))
+        {
+            return Err(Error::InvalidArgument(format!(
+                "{field} {s:?} is not a plain absolute path"
+            )));
+        }
+        if normal.parent().is_none() {
+            return Err(Error::InvalidArgument(format!("{field} must not be '/'")));
+        }
+        Ok(HostPath(normal))
+    }
+
+    /// The path.
+    pub fn as_path(&self) -> &std::path::Path {
+        &self.0
+    }
+
+    /// The path as a string (for records and messages).
+    pub fn as_str(&self) -> &str {
+        self.0.to_str().unwrap_or_default()
+    }
+}
+
+fn capability_required(cap: Option<&csi::VolumeCapability>) -> Result<Capability> {
+    match cap {
+        None => Err(Error::invalid("volume_capability is required")),
+        Some(c) => Capability::from_wire(c),
+    }
+}
+
+/// A validated NodeStageVolume.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeStage {
+    pub volume: VolumeRef,
+    pub staging: HostPath,
+    pub capability: Capability,
+}
+
+impl TryFrom<&csi::NodeStageVolumeRequest> for NodeStage {
+    type Error = Error;
+    fn try_from(req: &csi::NodeStageVolumeRequest) -> Result<Self> {
+        let volume = VolumeRef::from_request(&req.volume_id)?;
+        let staging = HostPath::parse("staging_target_path", &req.staging_target_path)?;
+        let capability = capability_required(req.volume_capability.as_ref())?;
+        check_map("publish_context", &req.publish_context)?;
+        check_map("volume_context", &req.volume_context)?;
+        Ok(NodeStage {
+            volume,
+            staging,
+            capability,
+        })
+    }
+}
+
+/// A validated NodeUnstageVolume.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeUnstage {
+    pub volume: VolumeRef,
+    pub staging: HostPath,
+}
+
+impl TryFrom<&csi::NodeUnstageVolumeRequest> for NodeUnstage {
+    type Error = Error;
+    fn try_from(req: &csi::NodeUnstageVolumeRequest) -> Result<Self> {
+        Ok(NodeUnstage {
+            volume: VolumeRef::from_request(&req.volume_id)?,
+            staging: HostPath::parse("staging_target_path", &req.staging_target_path)?,
+        })
+    }
+}
+
+/// A validated NodePublishVolume.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodePublish {
+    pub volume: VolumeRef,
+    pub staging: HostPath,
+    pub target: HostPath,
+    pub capability: Capability,
+    pub readonly: bool,
+}
+
+impl TryFrom<&csi::NodePublishVolumeRequest> for NodePublish {
+    type Error = Error;
+    fn try_from(req: &csi::NodePublishVolumeRequest) -> Result<Self> {
+        let volume = VolumeRef::from_request(&req.volume_id)?;
+        // STAGE_UNSTAGE_VOLUME is advertised, so the staging path is required.
+        let staging = HostPath::parse("staging_target_path", &req.staging_target_path)?;
+        let target = HostPath::parse("target_path", &req.target_path)?;
+        if target == staging {
+            return Err(Error::invalid(
+                "target_path must differ from staging_target_path",
+            ));
+        }
+        let capability = capability_required(req.volume_capability.as_ref())?;
+        check_map("publish_context", &req.publish_context)?;
+        check_map("volume_context", &req.volume_context)?;
+        Ok(NodePublish {
+            volume,
+            staging,
+            target,
+            capability,
+            readonly: req.readonly,
+        })
+    }
+}
+
+/// A validated NodeUnpublishVolume.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeUnpublish {
+    pub volume: VolumeRef,
+    pub target: HostPath,
+}
+
+impl TryFrom<&csi::NodeUnpublishVolumeRequest> for NodeUnpublish {
+    type Error = Error;
+    fn try_from(req: &csi::NodeUnpublishVolumeRequest) -> Result<Self> {
+        Ok(NodeUnpublish {
+            volume: VolumeRef::from_request(&req.volume_id)?,
+            target: HostPath::parse("target_path", &req.target_path)?,
+        })
+    }
+}
+
+/// A validated NodeGetVolumeStats.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeStats {
+    pub volume: VolumeRef,
+    pub path: HostPath,
+}
+
+impl TryFrom<&csi::NodeGetVolumeStatsRequest> for NodeStats {
+    type Error = Error;
+    fn try_from(req: &csi::NodeGetVolumeStatsRequest) -> Result<Self> {
+        let volume = VolumeRef::from_request(&req.volume_id)?;
+        let path = HostPath::parse("volume_path", &req.volume_path)?;
+        if !req.staging_target_path.is_empty() {
+            HostPath::parse("staging_target_path", &req.staging_target_path)?;
+        }
+        Ok(NodeStats { volume, path })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -669,6 +848,21 @@ mod tests {
         let l = ListVolumes::try_from(&ok).unwrap();
         assert_eq!(l.max_entries, Some(5));
         assert_eq!(l.starting_token.as_deref(), Some("7"));
+    }
+
+    #[test]
+    fn host_paths() {
+        for ok in ["/var/lib/kubelet/pods/x/mount", "/a//b/", "/a/b.c/..d"] {
+            assert!(HostPath::parse("p", ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "rel/x", "/a/../b", "/a/./b", "/a/..", "/", "/a\0b"] {
+            assert_eq!(
+                HostPath::parse("p", bad).unwrap_err().code(),
+                tonic::Code::InvalidArgument,
+                "{bad:?}"
+            );
+        }
+        assert_eq!(HostPath::parse("p", "/a//b/").unwrap().as_str(), "/a/b");
     }
 
     #[test]

@@ -1,1 +1,16 @@
-//! placeholder
+//! The stowage CSI driver: the metadata store, the pools, the volume engine that ties them
+//! together, and the tonic services served on a Unix socket.
+//!
+//! A call flows one way: gRPC request → typed request (`stowage_core::request`, no I/O) →
+//! per-volume guard → [`engine::Engine`] (store + pool + kernel) → one error mapping.
+
+pub mod engine;
+pub mod guard;
+pub mod node;
+pub mod pool;
+pub mod server;
+pub mod service;
+pub mod store;
+
+pub use server::{serve, termination, ServeOptions};
+pub use service::Mode;

@@ -1,1 +1,150 @@
-fn main() {}
+//! `stowage`: the CSI driver (`serve`), an operator's CSI client (`ctl`) and a benchmark
+//! (`bench`), in one binary.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use stowage_core::config::Config;
+use stowage_driver::{Mode, ServeOptions};
+
+/// A CSI driver that turns a node's disks into capacity-enforced persistent volumes.
+#[derive(Debug, Parser)]
+#[command(name = "stowage", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve the CSI Identity, Controller and Node services on a Unix socket.
+    Serve(ServeArgs),
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum ModeArg {
+    Controller,
+    Node,
+    All,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, clap::Args)]
+struct ServeArgs {
+    /// CSI endpoint (unix:///absolute/path).
+    #[arg(
+        long,
+        env = "CSI_ENDPOINT",
+        default_value = "unix:///run/stowage/csi.sock"
+    )]
+    endpoint: String,
+    /// This node's id (the Kubernetes node name); defaults to the host name.
+    #[arg(long, env = "STOWAGE_NODE_ID")]
+    node_id: Option<String>,
+    /// The driver's name, as a StorageClass's provisioner names it.
+    #[arg(long, env = "STOWAGE_DRIVER_NAME", default_value = "stowage.csi.dev")]
+    driver_name: String,
+    /// Where the metadata database (and the embedded default pool) live.
+    #[arg(long, env = "STOWAGE_STATE_DIR", default_value = "/var/lib/stowage")]
+    state_dir: PathBuf,
+    /// TOML file declaring the pools; without it, one `dir` pool `default` under the state dir.
+    #[arg(long, env = "STOWAGE_CONFIG")]
+    config: Option<PathBuf>,
+    /// Which CSI services to serve.
+    #[arg(long, env = "STOWAGE_MODE", value_enum, default_value = "all")]
+    mode: ModeArg,
+    /// Directory that staging and target paths must lie under (repeatable).
+    #[arg(
+        long = "kubelet-dir",
+        env = "STOWAGE_KUBELET_DIR",
+        value_delimiter = ',',
+        default_value = "/var/lib/kubelet"
+    )]
+    kubelet_dirs: Vec<PathBuf>,
+    /// Log format.
+    #[arg(long, env = "STOWAGE_LOG_FORMAT", value_enum, default_value = "text")]
+    log_format: LogFormat,
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".to_owned())
+}
+
+async fn serve(args: ServeArgs) -> ExitCode {
+    init_logging(args.log_format);
+    let config = match &args.config {
+        None => None,
+        Some(path) => match std::fs::read_to_string(path)
+            .map_err(|e| format!("reading {}: {e}", path.display()))
+            .and_then(|text| {
+                Config::from_toml(&text).map_err(|e| format!("{}: {e}", path.display()))
+            }) {
+            Ok(cfg) => Some(cfg),
+            Err(e) => {
+                tracing::error!("{e}");
+                return ExitCode::from(2);
+            }
+        },
+    };
+    let opts = ServeOptions {
+        endpoint: args.endpoint,
+        node_id: args.node_id.unwrap_or_else(host_name),
+        driver_name: args.driver_name,
+        state_dir: args.state_dir,
+        config,
+        mode: match args.mode {
+            ModeArg::Controller => Mode::Controller,
+            ModeArg::Node => Mode::Node,
+            ModeArg::All => Mode::All,
+        },
+        kubelet_dirs: args.kubelet_dirs,
+    };
+    match stowage_driver::serve(opts, stowage_driver::termination()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(code = ?e.code(), "{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Serve(args) => serve(args).await,
+        }
+    })
+}

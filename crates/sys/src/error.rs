@@ -21,6 +21,10 @@ pub struct SysError {
 impl SysError {
     /// Builds an error for `op` with rendered `args`.
     pub fn new(op: &'static str, args: impl Into<String>, errno: Errno) -> Self {
-        Self { op, args: args.into(), errno }
+        Self {
+            op,
+            args: args.into(),
+            errno,
+        }
     }
 }

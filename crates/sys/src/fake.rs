@@ -1,1 +1,260 @@
 //! A recording [`Kernel`] for tests: remembers every call in order and can be told to fail.
+//! It keeps just enough state (project ids, limits, a mount table) to answer consistently.
+
+use std::collections::HashMap;
+use std::os::fd::BorrowedFd;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use rustix::fs::{AtFlags, StatxFlags, CWD};
+use rustix::io::Errno;
+
+use crate::fs::{file_info, InodeId};
+use crate::{Kernel, MountAttrs, QuotaSupport, QuotaUsage, SysError, SysResult};
+
+/// One call made to a [`FakeKernel`], with fds turned into the inodes they referred to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KernelCall {
+    QuotaSupport,
+    SetProjectId {
+        dir: InodeId,
+        project: u32,
+    },
+    ProjectId {
+        dir: InodeId,
+    },
+    SetProjectLimit {
+        project: u32,
+        bytes: u64,
+    },
+    ProjectUsage {
+        project: u32,
+    },
+    BindMount {
+        source: InodeId,
+        target: InodeId,
+        attrs: MountAttrs,
+    },
+    Unmount {
+        target: PathBuf,
+    },
+}
+
+/// The operation names [`FakeKernel::fail_next`] accepts: the [`Kernel`] method names that
+/// return a `SysResult`.
+const FAILABLE: [&str; 6] = [
+    "set_project_id",
+    "project_id",
+    "set_project_limit",
+    "project_usage",
+    "bind_mount",
+    "unmount",
+];
+
+/// A [`Kernel`] that performs nothing privileged.
+///
+/// - Every call is recorded (also those made to fail) and listed by [`FakeKernel::calls`].
+/// - [`FakeKernel::fail_next`] makes the next N calls of one method fail with an errno.
+/// - Project ids are kept per inode, limits and usage per project, so reads answer what was
+///   written (unknown ones read as 0, like the kernel's default project and empty quota).
+/// - `bind_mount` mounts nothing; it adds (target inode, source inode, attrs) to a table.
+///   `unmount(path)` finds the entry by the inode `path` names now (statx, no follow) —
+///   since nothing was really mounted, that is still the target directory's own inode — and
+///   removes the most recent one; none is EINVAL, like the kernel's "not a mount point".
+#[derive(Debug, Default)]
+pub struct FakeKernel {
+    state: Mutex<State>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    calls: Vec<KernelCall>,
+    /// None means the default, Unavailable("fake").
+    quota_support: Option<QuotaSupport>,
+    failures: HashMap<&'static str, (Errno, usize)>,
+    project_ids: HashMap<InodeId, u32>,
+    limits: HashMap<u32, u64>,
+    usage: HashMap<u32, QuotaUsage>,
+    /// (target, source, attrs), oldest first.
+    mounts: Vec<(InodeId, InodeId, MountAttrs)>,
+}
+
+impl State {
+    /// Consumes one pending failure of `op`, if any.
+    fn take_failure(&mut self, op: &'static str) -> SysResult<()> {
+        let Some((errno, left)) = self.failures.get_mut(op) else {
+            return Ok(());
+        };
+        let errno = *errno;
+        *left -= 1;
+        if *left == 0 {
+            self.failures.remove(op);
+        }
+        Err(SysError::new(
+            op,
+            "injected by FakeKernel::fail_next",
+            errno,
+        ))
+    }
+}
+
+impl FakeKernel {
+    /// A fake with no calls, no failures, and quota support Unavailable("fake").
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        // A test that panicked while holding the lock leaves consistent data behind (every
+        // update is a single step), so a poisoned lock is still usable.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Every call so far, oldest first.
+    pub fn calls(&self) -> Vec<KernelCall> {
+        self.state().calls.clone()
+    }
+
+    /// Forgets the recorded calls (not the state: ids, limits, mounts, failures stay).
+    pub fn clear(&self) {
+        self.state().calls.clear();
+    }
+
+    /// What [`Kernel::quota_support`] answers from now on.
+    pub fn set_quota_support(&self, support: QuotaSupport) {
+        self.state().quota_support = Some(support);
+    }
+
+    /// Makes the next `times` calls of `op` (a [`Kernel`] method name, e.g.
+    /// `"set_project_limit"`) fail with `errno`, replacing any failure pending for `op`.
+    /// `times == 0` cancels it.
+    ///
+    /// # Panics
+    /// If `op` is not a method that returns a `SysResult`: a typo would otherwise make a test
+    /// silently check nothing.
+    pub fn fail_next(&self, op: &'static str, errno: Errno, times: usize) {
+        assert!(
+            FAILABLE.contains(&op),
+            "FakeKernel::fail_next: unknown op {op:?}, expected one of {FAILABLE:?}"
+        );
+        let mut state = self.state();
+        if times == 0 {
+            state.failures.remove(op);
+        } else {
+            state.failures.insert(op, (errno, times));
+        }
+    }
+
+    /// Sets the usage [`Kernel::project_usage`] reports for `project`. Its `bytes_limit` is
+    /// replaced by the limit set with [`Kernel::set_project_limit`], if one was.
+    pub fn set_usage(&self, project: u32, usage: QuotaUsage) {
+        self.state().usage.insert(project, usage);
+    }
+
+    /// The hard limit last set for `project` (None if never set; 0 means removed).
+    pub fn limit(&self, project: u32) -> Option<u64> {
+        self.state().limits.get(&project).copied()
+    }
+
+    /// The fake mount table: (target, source, attrs), oldest first.
+    pub fn mounted(&self) -> Vec<(InodeId, InodeId, MountAttrs)> {
+        self.state().mounts.clone()
+    }
+
+    /// Records `call`, then applies any failure injected for `op`.
+    fn enter(&self, call: KernelCall, op: &'static str) -> SysResult<MutexGuard<'_, State>> {
+        let mut state = self.state();
+        state.calls.push(call);
+        state.take_failure(op)?;
+        Ok(state)
+    }
+}
+
+fn inode_of(fd: BorrowedFd<'_>) -> SysResult<InodeId> {
+    Ok(file_info(fd)?.id)
+}
+
+impl Kernel for FakeKernel {
+    fn quota_support(&self, _fs: BorrowedFd<'_>) -> QuotaSupport {
+        let mut state = self.state();
+        state.calls.push(KernelCall::QuotaSupport);
+        state
+            .quota_support
+            .clone()
+            .unwrap_or_else(|| QuotaSupport::Unavailable("fake".to_owned()))
+    }
+
+    fn set_project_id(&self, dir: BorrowedFd<'_>, project: u32) -> SysResult<()> {
+        let dir = inode_of(dir)?;
+        let mut state = self.enter(KernelCall::SetProjectId { dir, project }, "set_project_id")?;
+        state.project_ids.insert(dir, project);
+        Ok(())
+    }
+
+    fn project_id(&self, dir: BorrowedFd<'_>) -> SysResult<u32> {
+        let dir = inode_of(dir)?;
+        let state = self.enter(KernelCall::ProjectId { dir }, "project_id")?;
+        Ok(state.project_ids.get(&dir).copied().unwrap_or(0))
+    }
+
+    fn set_project_limit(&self, _fs: BorrowedFd<'_>, project: u32, bytes: u64) -> SysResult<()> {
+        let mut state = self.enter(
+            KernelCall::SetProjectLimit { project, bytes },
+            "set_project_limit",
+        )?;
+        state.limits.insert(project, bytes);
+        Ok(())
+    }
+
+    fn project_usage(&self, _fs: BorrowedFd<'_>, project: u32) -> SysResult<QuotaUsage> {
+        let state = self.enter(KernelCall::ProjectUsage { project }, "project_usage")?;
+        let mut usage = state.usage.get(&project).copied().unwrap_or_default();
+        if let Some(limit) = state.limits.get(&project) {
+            usage.bytes_limit = *limit;
+        }
+        Ok(usage)
+    }
+
+    fn bind_mount(
+        &self,
+        source: BorrowedFd<'_>,
+        target: BorrowedFd<'_>,
+        attrs: MountAttrs,
+    ) -> SysResult<()> {
+        let source = inode_of(source)?;
+        let target = inode_of(target)?;
+        let mut state = self.enter(
+            KernelCall::BindMount {
+                source,
+                target,
+                attrs,
+            },
+            "bind_mount",
+        )?;
+        state.mounts.push((target, source, attrs));
+        Ok(())
+    }
+
+    fn unmount(&self, target: &Path) -> SysResult<()> {
+        let mut state = self.enter(
+            KernelCall::Unmount {
+                target: target.to_path_buf(),
+            },
+            "unmount",
+        )?;
+        let shown = || format!("{:?}", target.display().to_string());
+        let st = rustix::fs::statx(CWD, target, AtFlags::SYMLINK_NOFOLLOW, StatxFlags::INO)
+            .map_err(|e| SysError::new("unmount", shown(), e))?;
+        let id = InodeId {
+            dev: rustix::fs::makedev(st.stx_dev_major, st.stx_dev_minor),
+            ino: st.stx_ino,
+        };
+        match state.mounts.iter().rposition(|(t, _, _)| *t == id) {
+            Some(i) => {
+                state.mounts.remove(i);
+                Ok(())
+            }
+            None => Err(SysError::new("unmount", shown(), Errno::INVAL)),
+        }
+    }
+}

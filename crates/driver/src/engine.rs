@@ -1,0 +1,549 @@
+//! The volume engine: typed requests in, CSI answers out. It owns the store, the pools and the
+//! guards; every method is synchronous and runs on a blocking thread, one per call.
+//!
+//! Each mutating method follows the same shape: claim the volume's guard, record the intent
+//! durably, act on the backend (idempotently), record completion.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use stowage_core::ids::{not_found, VolumeRef};
+use stowage_core::request::{
+    Access, Capability, CreateVolume, DeleteVolume, GetCapacity, GetVolume, ListVolumes, Segments,
+    ValidateCapabilities, VolumeParams,
+};
+use stowage_core::{Error, Result, VolumeId};
+use stowage_csi::v1 as csi;
+use stowage_sys::Kernel;
+
+use crate::guard::{Guard, Guards};
+use crate::pool::{Condition, Pool, SIZE_GRANULE};
+use crate::store::{NewVolume, Store, VolumeRecord, VolumeState};
+
+/// Who this driver instance is.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    /// CSI node id (the Kubernetes node name).
+    pub node_id: String,
+    /// The topology key whose value is the node id, e.g. `stowage.csi.dev/node`.
+    pub topology_key: String,
+}
+
+impl Identity {
+    /// This node's topology segment.
+    pub fn segments(&self) -> Segments {
+        [(self.topology_key.clone(), self.node_id.clone())].into()
+    }
+
+    fn topology(&self) -> csi::Topology {
+        csi::Topology {
+            segments: self.segments().into_iter().collect(),
+        }
+    }
+}
+
+/// The engine.
+#[derive(Debug)]
+pub struct Engine {
+    pub(crate) store: Store,
+    pub(crate) pools: BTreeMap<String, Arc<Pool>>,
+    default_pool: String,
+    pub(crate) identity: Identity,
+    pub(crate) guards: Guards,
+    pub(crate) kernel: Arc<dyn Kernel>,
+    ready: AtomicBool,
+    /// Advertised by NodeGetInfo when set.
+    pub max_volumes_per_node: Option<i64>,
+    /// Directories node requests' paths must lie under (`--kubelet-dir`).
+    pub kubelet_dirs: Vec<PathBuf>,
+}
+
+impl Engine {
+    /// Builds an engine over an open store and opened pools; the first pool is the default.
+    pub fn new(
+        store: Store,
+        pools: Vec<Pool>,
+        identity: Identity,
+        kernel: Arc<dyn Kernel>,
+    ) -> Result<Self> {
+        let default_pool = pools
+            .first()
+            .map(|p| p.name().to_owned())
+            .ok_or_else(|| Error::invalid("at least one pool is required"))?;
+        Ok(Engine {
+            store,
+            pools: pools
+                .into_iter()
+                .map(|p| (p.name().to_owned(), Arc::new(p)))
+                .collect(),
+            default_pool,
+            identity,
+            guards: Guards::default(),
+            kernel,
+            ready: AtomicBool::new(false),
+            max_volumes_per_node: None,
+            kubelet_dirs: vec![PathBuf::from("/var/lib/kubelet")],
+        })
+    }
+
+    /// Whether start-up reconciliation has finished.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    /// UNAVAILABLE until reconciliation is done.
+    pub fn require_ready(&self) -> Result<()> {
+        if self.is_ready() {
+            Ok(())
+        } else {
+            Err(Error::Unavailable(
+                "stowage is still reconciling its state after start; retry shortly".into(),
+            ))
+        }
+    }
+
+    /// The node's identity.
+    pub fn identity(&self) -> &Identity {
+        &self.identity
+    }
+
+    /// Finishes or undoes what a crash interrupted, then marks the engine ready: volumes left
+    /// `creating` are created (the backend step is idempotent), volumes left `deleting` are
+    /// removed. Directories in a pool that no record names are reported, never deleted.
+    pub fn reconcile(&self) -> Result<()> {
+        let unfinished = self.store.unfinished_volumes()?;
+        if !unfinished.is_empty() {
+            tracing::info!(
+                count = unfinished.len(),
+                "reconciling volumes interrupted by a restart"
+            );
+        }
+        for vol in unfinished {
+            let Some(pool) = self.pools.get(&vol.pool) else {
+                tracing::warn!(volume = %vol.id, pool = %vol.pool, "volume's pool is not configured; left as is");
+                continue;
+            };
+            let outcome = match vol.state {
+                VolumeState::Creating => pool
+                    .create(&vol)
+                    .and_then(|()| self.store.set_volume_state(&vol.id, VolumeState::Ready)),
+                VolumeState::Deleting => pool
+                    .delete(&vol)
+                    .and_then(|()| self.store.remove_volume(&vol.id)),
+                VolumeState::Ready => Ok(()),
+            };
+            match outcome {
+                Ok(()) => tracing::info!(volume = %vol.id, state = ?vol.state, "reconciled"),
+                Err(e) => {
+                    tracing::warn!(volume = %vol.id, state = ?vol.state, error = %e, "could not reconcile; a retried call will try again")
+                }
+            }
+        }
+        self.reconcile_publications()?;
+        self.ready.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    fn pool(&self, name: Option<&str>) -> Result<&Arc<Pool>> {
+        let name = name.unwrap_or(&self.default_pool);
+        self.pools.get(name).ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "pool {name:?} is not configured on node {:?}; pools here: {}",
+                self.identity.node_id,
+                self.pools.keys().cloned().collect::<Vec<_>>().join(", ")
+            ))
+        })
+    }
+
+    /// Why `pool` cannot serve `cap`, if it cannot.
+    fn unsupported(pool: &Pool, cap: &Capability) -> Option<String> {
+        if cap.mode.is_multi_node() {
+            return Some(format!(
+                "access mode {} needs a volume reachable from several nodes; stowage volumes are local to one node",
+                cap.mode.name()
+            ));
+        }
+        match &cap.access {
+            Access::Block if !pool.supports_block() => Some(format!(
+                "pool {:?} (kind {}) cannot serve block volumes",
+                pool.name(),
+                pool.kind().as_str()
+            )),
+            Access::Mount(m) if !pool.supports_fs_type(&m.fs_type) => Some(format!(
+                "pool {:?} serves filesystem {:?}, not {:?}",
+                pool.name(),
+                pool.fs_type(),
+                m.fs_type
+            )),
+            _ => None,
+        }
+    }
+
+    fn check_capabilities(pool: &Pool, caps: &[Capability]) -> Result<bool> {
+        for cap in caps {
+            if let Some(why) = Self::unsupported(pool, cap) {
+                return Err(Error::InvalidArgument(why));
+            }
+        }
+        let block = caps.iter().any(Capability::is_block);
+        if block && caps.iter().any(|c| !c.is_block()) {
+            return Err(Error::invalid(
+                "volume_capabilities mix block and mount access; a volume is one or the other",
+            ));
+        }
+        Ok(block)
+    }
+
+    fn to_volume(&self, vol: &VolumeRecord, pool: &Pool) -> csi::Volume {
+        csi::Volume {
+            capacity_bytes: vol.capacity as i64,
+            volume_id: vol.id.to_string(),
+            volume_context: pool.volume_context().into_iter().collect(),
+            content_source: None,
+            accessible_topology: vec![self.identity.topology()],
+        }
+    }
+
+    fn incompatibility(
+        req: &CreateVolume,
+        pool: &Pool,
+        block: bool,
+        vol: &VolumeRecord,
+    ) -> Option<String> {
+        if vol.pool != pool.name() {
+            return Some(format!(
+                "it is in pool {:?}, not {:?}",
+                vol.pool,
+                pool.name()
+            ));
+        }
+        if !req.capacity.admits(vol.capacity) {
+            return Some(format!(
+                "its capacity {} is outside the requested range (required {}, limit {})",
+                vol.capacity,
+                req.capacity.required,
+                req.capacity
+                    .limit
+                    .map_or("none".to_owned(), |l| l.to_string())
+            ));
+        }
+        if vol.block != block {
+            return Some(format!(
+                "it is a {} volume",
+                if vol.block { "block" } else { "filesystem" }
+            ));
+        }
+        None
+    }
+
+    /// CreateVolume.
+    pub fn create_volume(&self, req: CreateVolume) -> Result<csi::Volume> {
+        let _guard = self
+            .guards
+            .claim(format!("volume name {:?}", req.name.as_str()))?;
+        let pool = Arc::clone(self.pool(req.params.pool.as_deref())?);
+        let block = Self::check_capabilities(&pool, &req.capabilities)?;
+        if let Some(topology) = &req.topology {
+            if !topology.admits(&self.identity.segments()) {
+                return Err(Error::ResourceExhausted(format!(
+                    "the requisite topology does not include this node ({}={}); this driver instance provisions only on its own node",
+                    self.identity.topology_key, self.identity.node_id
+                )));
+            }
+        }
+
+        let vol = match self.store.volume_by_name(req.name.as_str())? {
+            Some(existing) => {
+                if let Some(why) = Self::incompatibility(&req, &pool, block, &existing) {
+                    return Err(Error::AlreadyExists(format!(
+                        "volume {:?} already exists as {} but is incompatible: {why}",
+                        req.name.as_str(),
+                        existing.id
+                    )));
+                }
+                match existing.state {
+                    VolumeState::Ready => return Ok(self.to_volume(&existing, &pool)),
+                    VolumeState::Creating => existing,
+                    VolumeState::Deleting => {
+                        return Err(Error::Aborted(format!(
+                            "volume {:?} ({}) is being deleted; retry after the deletion completes",
+                            req.name.as_str(),
+                            existing.id
+                        )))
+                    }
+                }
+            }
+            None => {
+                let size = req.capacity.choose(pool.default_size(), SIZE_GRANULE);
+                let space = pool.space()?;
+                if size > space.bytes_total {
+                    return Err(Error::OutOfRange(format!(
+                        "{size} bytes requested, but pool {:?} has {} bytes in all",
+                        pool.name(),
+                        space.bytes_total
+                    )));
+                }
+                let id = VolumeId::generate();
+                self.store.insert_volume(&NewVolume {
+                    id: &id,
+                    name: req.name.as_str(),
+                    pool: pool.name(),
+                    capacity: size,
+                    block,
+                    pvc_name: req.params.pvc_name.as_deref(),
+                    pvc_namespace: req.params.pvc_namespace.as_deref(),
+                    pv_name: req.params.pv_name.as_deref(),
+                })?
+            }
+        };
+        pool.create(&vol)?;
+        self.store.set_volume_state(&vol.id, VolumeState::Ready)?;
+        Ok(self.to_volume(&vol, &pool))
+    }
+
+    /// Claims the guard of a volume id.
+    pub(crate) fn claim(&self, id: &VolumeId) -> Result<Guard> {
+        self.guards.claim(format!("volume {id}"))
+    }
+
+    /// DeleteVolume. Unknown ids are OK (the spec's idempotency); a volume with a publication
+    /// is FAILED_PRECONDITION and keeps its data.
+    pub fn delete_volume(&self, req: DeleteVolume) -> Result<()> {
+        let VolumeRef::Ours(id) = req.volume else {
+            return Ok(());
+        };
+        let _guard = self.claim(&id)?;
+        let Some(vol) = self.store.volume_by_id(&id)? else {
+            return Ok(());
+        };
+        let publications = self.store.publications_of(&id)?;
+        if !publications.is_empty() {
+            let paths: Vec<&str> = publications.iter().map(|p| p.path.as_str()).collect();
+            return Err(Error::FailedPrecondition(format!(
+                "volume {id} is still staged or published on node {:?} at {}; unpublish and unstage it first",
+                self.identity.node_id,
+                paths.join(", ")
+            )));
+        }
+        let pool = self.pools.get(&vol.pool).ok_or_else(|| {
+            Error::FailedPrecondition(format!(
+                "volume {id} lives in pool {:?}, which is not configured on this node",
+                vol.pool
+            ))
+        })?;
+        if vol.state != VolumeState::Deleting {
+            self.store.set_volume_state(&id, VolumeState::Deleting)?;
+        }
+        pool.delete(&vol)?;
+        self.store.remove_volume(&id)
+    }
+
+    /// A ready volume by id, or NOT_FOUND.
+    pub(crate) fn ready_volume(&self, volume: &VolumeRef) -> Result<(VolumeRecord, Arc<Pool>)> {
+        let id = volume.require()?;
+        let vol = self
+            .store
+            .volume_by_id(id)?
+            .filter(|v| v.state == VolumeState::Ready)
+            .ok_or_else(|| not_found(id.as_str()))?;
+        let pool = self.pools.get(&vol.pool).cloned().ok_or_else(|| {
+            Error::NotFound(format!(
+                "volume {id} lives in pool {:?}, which is not configured on this node",
+                vol.pool
+            ))
+        })?;
+        Ok((vol, pool))
+    }
+
+    /// ValidateVolumeCapabilities: confirmed only when the volume supports every capability
+    /// and the given context and parameters are the volume's.
+    pub fn validate_capabilities(
+        &self,
+        req: ValidateCapabilities,
+    ) -> Result<csi::ValidateVolumeCapabilitiesResponse> {
+        let (vol, pool) = self.ready_volume(&req.volume)?;
+        let refuse = |message: String| csi::ValidateVolumeCapabilitiesResponse {
+            confirmed: None,
+            message,
+        };
+        for cap in &req.capabilities {
+            if let Some(why) = Self::unsupported(&pool, cap) {
+                return Ok(refuse(why));
+            }
+            if cap.is_block() != vol.block {
+                return Ok(refuse(format!(
+                    "volume {} is a {} volume",
+                    vol.id,
+                    if vol.block { "block" } else { "filesystem" }
+                )));
+            }
+        }
+        let context: HashMap<String, String> = pool.volume_context().into_iter().collect();
+        if !req.volume_context.is_empty() && req.volume_context != context {
+            return Ok(refuse(format!(
+                "volume_context does not match the one volume {} was created with",
+                vol.id
+            )));
+        }
+        if !req.parameters.is_empty() {
+            match VolumeParams::from_wire(&req.parameters) {
+                Err(e) => return Ok(refuse(e.to_string())),
+                Ok(p) if p.pool.as_deref().unwrap_or(&self.default_pool) != vol.pool => {
+                    return Ok(refuse(format!(
+                        "volume {} is in pool {:?}",
+                        vol.id, vol.pool
+                    )))
+                }
+                Ok(_) => {}
+            }
+        }
+        Ok(csi::ValidateVolumeCapabilitiesResponse {
+            confirmed: Some(csi::validate_volume_capabilities_response::Confirmed {
+                volume_context: req.volume_context,
+                volume_capabilities: req.capabilities.iter().map(capability_to_wire).collect(),
+                parameters: req.parameters,
+                mutable_parameters: HashMap::new(),
+            }),
+            message: String::new(),
+        })
+    }
+
+    fn status(
+        &self,
+        vol: &VolumeRecord,
+        pool: Option<&Pool>,
+        published: bool,
+    ) -> csi::list_volumes_response::VolumeStatus {
+        let condition = match pool {
+            Some(pool) => pool.condition(vol),
+            None => Condition {
+                abnormal: true,
+                message: format!("pool {:?} is not configured on this node", vol.pool),
+            },
+        };
+        csi::list_volumes_response::VolumeStatus {
+            published_node_ids: if published {
+                vec![self.identity.node_id.clone()]
+            } else {
+                vec![]
+            },
+            volume_condition: Some(csi::VolumeCondition {
+                abnormal: condition.abnormal,
+                message: condition.message,
+            }),
+        }
+    }
+
+    /// ListVolumes. Tokens are sequence numbers: stable across deletions, and checked, so a
+    /// token this driver never handed out is ABORTED.
+    pub fn list_volumes(&self, req: ListVolumes) -> Result<csi::ListVolumesResponse> {
+        let from = match &req.starting_token {
+            None => 0,
+            Some(token) => {
+                let max = self.store.max_seq()?;
+                match token.parse::<i64>() {
+                    Ok(n) if n >= 1 && n <= max + 1 => n,
+                    _ => {
+                        return Err(Error::Aborted(format!(
+                            "starting_token {token:?} was not issued by this driver; restart the listing without a token"
+                        )))
+                    }
+                }
+            }
+        };
+        let fetch = req.max_entries.map(|n| n.saturating_add(1));
+        let mut rows = self.store.list_ready(from, fetch)?;
+        let next_token = match req.max_entries {
+            Some(n) if rows.len() > n as usize => rows
+                .pop()
+                .map(|(v, _)| v.seq.to_string())
+                .unwrap_or_default(),
+            _ => String::new(),
+        };
+        let entries = rows
+            .iter()
+            .map(|(vol, published)| {
+                let pool = self.pools.get(&vol.pool);
+                csi::list_volumes_response::Entry {
+                    volume: Some(match pool {
+                        Some(p) => self.to_volume(vol, p),
+                        None => csi::Volume {
+                            capacity_bytes: vol.capacity as i64,
+                            volume_id: vol.id.to_string(),
+                            accessible_topology: vec![self.identity.topology()],
+                            ..Default::default()
+                        },
+                    }),
+                    status: Some(self.status(vol, pool.map(|p| &**p), *published)),
+                }
+            })
+            .collect();
+        Ok(csi::ListVolumesResponse {
+            entries,
+            next_token,
+        })
+    }
+
+    /// ControllerGetVolume.
+    pub fn get_volume(&self, req: GetVolume) -> Result<csi::ControllerGetVolumeResponse> {
+        let (vol, pool) = self.ready_volume(&req.volume)?;
+        let published = !self.store.publications_of(&vol.id)?.is_empty();
+        let s = self.status(&vol, Some(&pool), published);
+        Ok(csi::ControllerGetVolumeResponse {
+            volume: Some(self.to_volume(&vol, &pool)),
+            status: Some(csi::controller_get_volume_response::VolumeStatus {
+                published_node_ids: s.published_node_ids,
+                volume_condition: s.volume_condition,
+            }),
+        })
+    }
+
+    /// GetCapacity: the real free space of the pool's filesystem; 0 for a topology, pool or
+    /// capability this node cannot serve (another node may).
+    pub fn get_capacity(&self, req: GetCapacity) -> Result<csi::GetCapacityResponse> {
+        let zero = csi::GetCapacityResponse::default();
+        if let Some(t) = &req.topology {
+            if *t != self.identity.segments() {
+                return Ok(zero);
+            }
+        }
+        let name = req.params.pool.as_deref().unwrap_or(&self.default_pool);
+        let Some(pool) = self.pools.get(name) else {
+            return Ok(zero);
+        };
+        if req
+            .capabilities
+            .iter()
+            .any(|c| Self::unsupported(pool, c).is_some())
+        {
+            return Ok(zero);
+        }
+        let space = pool.space()?;
+        let available = i64::try_from(space.bytes_available).unwrap_or(i64::MAX);
+        Ok(csi::GetCapacityResponse {
+            available_capacity: available,
+            maximum_volume_size: Some(available),
+            minimum_volume_size: None,
+        })
+    }
+}
+
+/// A typed capability back on the wire.
+pub fn capability_to_wire(cap: &Capability) -> csi::VolumeCapability {
+    use csi::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume};
+    csi::VolumeCapability {
+        access_type: Some(match &cap.access {
+            Access::Block => AccessType::Block(BlockVolume {}),
+            Access::Mount(m) => AccessType::Mount(MountVolume {
+                fs_type: m.fs_type.clone(),
+                mount_flags: m.flags.iter().map(|f| f.as_str().to_owned()).collect(),
+                volume_mount_group: String::new(),
+            }),
+        }),
+        access_mode: Some(AccessMode {
+            mode: cap.mode.to_wire() as i32,
+        }),
+    }
+}

@@ -1,0 +1,788 @@
+//! The Node service: stage, publish, unpublish, unstage and stats.
+//!
+//! Every path from a request is resolved fd by fd beneath an allowed kubelet directory with
+//! openat2 (`RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS`); a symlink anywhere on the way refuses
+//! the call. Mounts are made from those fds (open_tree + move_mount), never from a path
+//! string resolved again. The kernel is the truth for what is mounted: a mount is "ours" when
+//! the mount root at the path is the volume's own directory (same device and inode).
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use stowage_core::ids::{not_found, VolumeRef};
+use stowage_core::request::{
+    Access, AccessMode, Capability, HostPath, MountFlag, NodePublish, NodeStage, NodeStats,
+    NodeUnpublish, NodeUnstage,
+};
+use stowage_core::{Error, Result, VolumeId};
+use stowage_csi::v1 as csi;
+use stowage_csi::v1::node_service_capability::rpc::Type as NodeCap;
+use stowage_sys::fs::{self as sysfs, InodeId};
+use stowage_sys::{Errno, MountAttrs, SysError};
+use tonic::{Request, Response, Status};
+
+use crate::engine::Engine;
+use crate::pool::Pool;
+use crate::service::{Driver, Service};
+use crate::store::{Publication, PublicationKind, PublicationState, VolumeRecord};
+
+/// How many stacked mounts of ours unpublish removes from one path before giving up.
+const MAX_STACKED_MOUNTS: usize = 8;
+
+/// A request path opened as far as its parent directory.
+struct Located {
+    /// The path as given (normalised), for records and messages.
+    path: HostPath,
+    /// The parent directory, resolved without following symlinks.
+    parent: OwnedFd,
+    /// The last component.
+    name: String,
+}
+
+/// What is at a located path.
+enum Leaf {
+    Missing,
+    /// A directory or file that is not a mount root.
+    Plain {
+        fd: OwnedFd,
+        is_dir: bool,
+    },
+    /// The root of a mount; `id` is the inode at its root.
+    MountRoot {
+        fd: OwnedFd,
+        id: InodeId,
+    },
+}
+
+fn path_error(field: &str, path: &HostPath, e: SysError) -> Error {
+    match e.errno {
+        Errno::LOOP => Error::InvalidArgument(format!(
+            "{field} {:?} is or passes through a symlink; refusing it",
+            path.as_str()
+        )),
+        Errno::XDEV => Error::InvalidArgument(format!(
+            "{field} {:?} escapes its kubelet directory",
+            path.as_str()
+        )),
+        Errno::NOENT => Error::NotFound(format!(
+            "the parent directory of {field} {:?} does not exist",
+            path.as_str()
+        )),
+        Errno::NOTDIR => Error::InvalidArgument(format!(
+            "a parent of {field} {:?} is not a directory",
+            path.as_str()
+        )),
+        _ => Error::internal(format!("resolving {field} {:?}", path.as_str()), e),
+    }
+}
+
+fn flags_string(flags: &[MountFlag]) -> String {
+    flags
+        .iter()
+        .map(|f| f.as_str())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn attrs_for(cap: &Capability, read_only: bool) -> MountAttrs {
+    let mut attrs = MountAttrs {
+        read_only,
+        nosuid: true,
+        nodev: true,
+        ..Default::default()
+    };
+    if let Access::Mount(m) = &cap.access {
+        for f in &m.flags {
+            match f {
+                MountFlag::ReadOnly => attrs.read_only = true,
+                MountFlag::NoExec => attrs.noexec = true,
+                MountFlag::NoAtime => attrs.noatime = true,
+                MountFlag::NoDirAtime => attrs.nodiratime = true,
+                MountFlag::RelAtime => attrs.relatime = true,
+                MountFlag::ReadWrite | MountFlag::NoSuid | MountFlag::NoDev => {}
+            }
+        }
+    }
+    attrs
+}
+
+impl Engine {
+    /// Finds the kubelet directory `path` lies under and opens its parent without following
+    /// symlinks.
+    fn locate(&self, field: &str, path: &HostPath) -> Result<Located> {
+        let (root, rel) = self
+            .kubelet_dirs
+            .iter()
+            .find_map(|dir| {
+                path.as_path()
+                    .strip_prefix(dir)
+                    .ok()
+                    .filter(|rel| rel.components().next().is_some())
+                    .map(|rel| (dir, rel.to_owned()))
+            })
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "{field} {:?} is outside the kubelet directories this driver serves ({})",
+                    path.as_str(),
+                    self.kubelet_dirs
+                        .iter()
+                        .map(|d| d.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))
+            })?;
+        let name = rel
+            .file_name()
+            .and_then(|n| n.to_str())
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!("{field} {:?} has no last component", path.as_str()))
+            })?
+            .to_owned();
+        let root_fd = sysfs::open_trusted_dir(root).map_err(|e| {
+            Error::internal(format!("opening kubelet directory {}", root.display()), e)
+        })?;
+        let parent_rel = rel.parent().unwrap_or(Path::new(""));
+        let parent = if parent_rel.as_os_str().is_empty() {
+            root_fd
+        } else {
+            sysfs::resolve_beneath(root_fd.as_fd(), parent_rel)
+                .map_err(|e| path_error(field, path, e))?
+        };
+        Ok(Located {
+            path: path.clone(),
+            parent,
+            name,
+        })
+    }
+
+    fn leaf(&self, field: &str, at: &Located) -> Result<Leaf> {
+        match sysfs::resolve_beneath(at.parent.as_fd(), Path::new(&at.name)) {
+            Ok(fd) => {
+                let info = sysfs::file_info(fd.as_fd())
+                    .map_err(|e| Error::internal(format!("statx of {field}"), e))?;
+                if info.mount_root {
+                    Ok(Leaf::MountRoot { fd, id: info.id })
+                } else {
+                    Ok(Leaf::Plain {
+                        fd,
+                        is_dir: info.is_dir,
+                    })
+                }
+            }
+            Err(e) if e.errno == Errno::NOENT => Ok(Leaf::Missing),
+            Err(e) => Err(path_error(field, &at.path, e)),
+        }
+    }
+
+    fn volume_inode(&self, pool: &Pool, id: &VolumeId) -> Result<(OwnedFd, InodeId)> {
+        let dir = pool.open_volume(id)?;
+        let info = sysfs::file_info(dir.as_fd())
+            .map_err(|e| Error::internal(format!("statx of volume {id}"), e))?;
+        Ok((dir, info.id))
+    }
+
+    fn check_node_capability(pool: &Pool, vol: &VolumeRecord, cap: &Capability) -> Result<()> {
+        if cap.mode.is_multi_node() {
+            return Err(Error::InvalidArgument(format!(
+                "access mode {} is not supported: stowage volumes are local to one node",
+                cap.mode.name()
+            )));
+        }
+        if cap.is_block() != vol.block {
+            return Err(Error::InvalidArgument(format!(
+                "volume {} is a {} volume; the capability asks for {}",
+                vol.id,
+                if vol.block { "block" } else { "filesystem" },
+                if cap.is_block() {
+                    "block"
+                } else {
+                    "a filesystem"
+                }
+            )));
+        }
+        if let Access::Mount(m) = &cap.access {
+            if !pool.supports_fs_type(&m.fs_type) {
+                return Err(Error::InvalidArgument(format!(
+                    "volume {} has filesystem {:?}, not {:?}",
+                    vol.id,
+                    pool.fs_type(),
+                    m.fs_type
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes the directory at `at` if missing (recording that we made it), refusing anything
+    /// that is not a plain directory or already a mount of something else.
+    fn prepare_mountpoint(
+        &self,
+        field: &str,
+        at: &Located,
+        volume: InodeId,
+        record: &mut Publication,
+    ) -> Result<Option<OwnedFd>> {
+        match self.leaf(field, at)? {
+            Leaf::MountRoot { id, .. } if id == volume => Ok(None),
+            Leaf::MountRoot { .. } => Err(Error::AlreadyExists(format!(
+                "{field} {:?} is already a mount point of something else",
+                at.path.as_str()
+            ))),
+            Leaf::Plain { fd, is_dir: true } => Ok(Some(fd)),
+            Leaf::Plain { .. } => Err(Error::InvalidArgument(format!(
+                "{field} {:?} exists and is not a directory",
+                at.path.as_str()
+            ))),
+            Leaf::Missing => {
+                record.created_dir = true;
+                record.state = PublicationState::Mounting;
+                self.store.put_publication(record)?;
+                match sysfs::mkdir_at(at.parent.as_fd(), &at.name, 0o750) {
+                    Ok(()) => {}
+                    Err(e) if e.errno == Errno::EXIST => {}
+                    Err(e) => return Err(Error::internal(format!("creating {field}"), e)),
+                }
+                match self.leaf(field, at)? {
+                    Leaf::Plain { fd, is_dir: true } => Ok(Some(fd)),
+                    _ => Err(Error::Internal(format!(
+                        "{field} {:?} changed while it was being created",
+                        at.path.as_str()
+                    ))),
+                }
+            }
+        }
+    }
+
+    /// Mounts `source` at the located path unless our mount is already there, and records it.
+    fn mount_recorded(
+        &self,
+        field: &str,
+        at: &Located,
+        source: &OwnedFd,
+        volume: InodeId,
+        attrs: MountAttrs,
+        mut record: Publication,
+    ) -> Result<()> {
+        if let Some(target) = self.prepare_mountpoint(field, at, volume, &mut record)? {
+            record.state = PublicationState::Mounting;
+            self.store.put_publication(&record)?;
+            self.kernel
+                .bind_mount(source.as_fd(), target.as_fd(), attrs)
+                .map_err(|e| {
+                    Error::internal(format!("mounting at {field} {:?}", at.path.as_str()), e)
+                })?;
+        }
+        record.state = PublicationState::Mounted;
+        self.store.put_publication(&record)
+    }
+
+    /// Removes our mounts at the located path (stacked ones too), then the directory if we
+    /// made it. A mount of anything else is left alone.
+    fn unmount_recorded(
+        &self,
+        field: &str,
+        at: &Located,
+        volume: Option<InodeId>,
+        record: Option<&Publication>,
+    ) -> Result<()> {
+        if let Some(r) = record {
+            let mut r = r.clone();
+            r.state = PublicationState::Unmounting;
+            self.store.put_publication(&r)?;
+        }
+        for _ in 0..MAX_STACKED_MOUNTS {
+            match self.leaf(field, at)? {
+                Leaf::MountRoot { fd, id } if Some(id) == volume => {
+                    // Unmount through the resolved fd: no path string is looked up again.
+                    let proc_path = PathBuf::from(format!(
+                        "/proc/self/fd/{}",
+                        std::os::fd::AsRawFd::as_raw_fd(&fd)
+                    ));
+                    match self.kernel.unmount(&proc_path) {
+                        Ok(()) => {}
+                        Err(e) if e.errno == Errno::INVAL => break,
+                        Err(e) => {
+                            return Err(Error::internal(
+                                format!("unmounting {field} {:?}", at.path.as_str()),
+                                e,
+                            ))
+                        }
+                    }
+                }
+                Leaf::MountRoot { .. } => {
+                    if record.is_some() {
+                        return Err(Error::FailedPrecondition(format!(
+                            "{field} {:?} has a mount that is not this volume's on top; not touching it",
+                            at.path.as_str()
+                        )));
+                    }
+                    break;
+                }
+                Leaf::Plain { .. } | Leaf::Missing => break,
+            }
+        }
+        if let Leaf::MountRoot { id, .. } = self.leaf(field, at)? {
+            if Some(id) == volume {
+                return Err(Error::Internal(format!(
+                    "{field} {:?} still has more than {MAX_STACKED_MOUNTS} mounts of the volume",
+                    at.path.as_str()
+                )));
+            }
+        }
+        if record.is_some_and(|r| r.created_dir) {
+            match sysfs::rmdir_at(at.parent.as_fd(), &at.name) {
+                Ok(()) => {}
+                Err(e) if e.errno == Errno::NOENT => {}
+                Err(e) => {
+                    tracing::warn!(path = %at.path.as_str(), error = %e, "left the directory in place")
+                }
+            }
+        }
+        if let Some(r) = record {
+            self.store.remove_publication(&r.path)?;
+        }
+        Ok(())
+    }
+
+    /// NodeStageVolume: bind the volume's directory at the staging path.
+    pub fn node_stage(&self, req: NodeStage) -> Result<()> {
+        let (vol, pool) = self.ready_volume(&req.volume)?;
+        let _guard = self.claim(&vol.id)?;
+        Self::check_node_capability(&pool, &vol, &req.capability)?;
+        let at = self.locate("staging_target_path", &req.staging)?;
+        let flags = match &req.capability.access {
+            Access::Mount(m) => flags_string(&m.flags),
+            Access::Block => String::new(),
+        };
+        let existing = self.store.publication_at(req.staging.as_str())?;
+        if let Some(p) = &existing {
+            if p.volume_id != vol.id || p.kind != PublicationKind::Stage {
+                return Err(Error::AlreadyExists(format!(
+                    "staging_target_path {:?} is already used by volume {}",
+                    req.staging.as_str(),
+                    p.volume_id
+                )));
+            }
+            if p.access_mode != req.capability.mode.to_wire() as i32 || p.flags != flags {
+                return Err(Error::AlreadyExists(format!(
+                    "volume {} is already staged at {:?} with a different capability",
+                    vol.id,
+                    req.staging.as_str()
+                )));
+            }
+        }
+        let (dir, inode) = self.volume_inode(&pool, &vol.id)?;
+        let record = Publication {
+            path: req.staging.as_str().to_owned(),
+            volume_id: vol.id.clone(),
+            kind: PublicationKind::Stage,
+            state: PublicationState::Mounting,
+            read_only: false,
+            access_mode: req.capability.mode.to_wire() as i32,
+            flags,
+            created_dir: existing.as_ref().is_some_and(|p| p.created_dir),
+            staging_path: None,
+        };
+        let attrs = MountAttrs {
+            nosuid: true,
+            nodev: true,
+            ..Default::default()
+        };
+        self.mount_recorded("staging_target_path", &at, &dir, inode, attrs, record)
+    }
+
+    /// NodeUnstageVolume: unmount the staging path. Not staged there is OK.
+    pub fn node_unstage(&self, req: NodeUnstage) -> Result<()> {
+        let id = self.known_volume(&req.volume)?;
+        let _guard = self.claim(&id)?;
+        let at = self.locate("staging_target_path", &req.staging)?;
+        let record = self
+            .store
+            .publication_at(req.staging.as_str())?
+            .filter(|p| p.volume_id == id && p.kind == PublicationKind::Stage);
+        let publications = self.store.publications_of(&id)?;
+        let users: Vec<&str> = publications
+            .iter()
+            .filter(|p| p.staging_path.as_deref() == Some(req.staging.as_str()))
+            .map(|p| p.path.as_str())
+            .collect();
+        if !users.is_empty() {
+            return Err(Error::FailedPrecondition(format!(
+                "volume {id} is still published from {:?} at {}; unpublish it first",
+                req.staging.as_str(),
+                users.join(", ")
+            )));
+        }
+        let inode = self.volume_inode_if_present(&id)?;
+        self.unmount_recorded("staging_target_path", &at, inode, record.as_ref())
+    }
+
+    /// NodePublishVolume: bind the staged volume at the target path.
+    pub fn node_publish(&self, req: NodePublish) -> Result<()> {
+        let (vol, pool) = self.ready_volume(&req.volume)?;
+        let _guard = self.claim(&vol.id)?;
+        Self::check_node_capability(&pool, &vol, &req.capability)?;
+        let read_only = req.readonly
+            || req.capability.mode.is_read_only()
+            || matches!(&req.capability.access, Access::Mount(m) if m.flags.contains(&MountFlag::ReadOnly));
+        let flags = match &req.capability.access {
+            Access::Mount(m) => flags_string(&m.flags),
+            Access::Block => String::new(),
+        };
+        let staging = self.locate("staging_target_path", &req.staging)?;
+        let target = self.locate("target_path", &req.target)?;
+        let staged = self
+            .store
+            .publication_at(req.staging.as_str())?
+            .filter(|p| {
+                p.volume_id == vol.id
+                    && p.kind == PublicationKind::Stage
+                    && p.state == PublicationState::Mounted
+            });
+        if staged.is_none() {
+            return Err(Error::FailedPrecondition(format!(
+                "volume {} is not staged at {:?}; call NodeStageVolume first",
+                vol.id,
+                req.staging.as_str()
+            )));
+        }
+        let (_dir, inode) = self.volume_inode(&pool, &vol.id)?;
+        let staging_fd = match self.leaf("staging_target_path", &staging)? {
+            Leaf::MountRoot { fd, id } if id == inode => fd,
+            _ => {
+                return Err(Error::FailedPrecondition(format!(
+                    "the staging mount of volume {} at {:?} is missing; stage the volume again",
+                    vol.id,
+                    req.staging.as_str()
+                )))
+            }
+        };
+        let mode = req.capability.mode.to_wire() as i32;
+        let existing = self.store.publication_at(req.target.as_str())?;
+        if let Some(p) = &existing {
+            if p.volume_id != vol.id || p.kind != PublicationKind::Publish {
+                return Err(Error::AlreadyExists(format!(
+                    "target_path {:?} is already used by volume {}",
+                    req.target.as_str(),
+                    p.volume_id
+                )));
+            }
+            if p.read_only != read_only
+                || p.access_mode != mode
+                || p.flags != flags
+                || p.staging_path.as_deref() != Some(req.staging.as_str())
+            {
+                return Err(Error::AlreadyExists(format!(
+                    "volume {} is already published at {:?} with different arguments",
+                    vol.id,
+                    req.target.as_str()
+                )));
+            }
+        } else {
+            let single_writer = |m: i32| m == AccessMode::SingleNodeSingleWriter.to_wire() as i32;
+            let others: Vec<Publication> = self
+                .store
+                .publications_of(&vol.id)?
+                .into_iter()
+                .filter(|p| p.kind == PublicationKind::Publish && p.path != req.target.as_str())
+                .collect();
+            if let Some(other) = others
+                .iter()
+                .find(|p| single_writer(mode) || single_writer(p.access_mode))
+            {
+                return Err(Error::FailedPrecondition(format!(
+                    "volume {} is SINGLE_NODE_SINGLE_WRITER and already published at {:?}",
+                    vol.id, other.path
+                )));
+            }
+        }
+        let record = Publication {
+            path: req.target.as_str().to_owned(),
+            volume_id: vol.id.clone(),
+            kind: PublicationKind::Publish,
+            state: PublicationState::Mounting,
+            read_only,
+            access_mode: mode,
+            flags,
+            created_dir: existing.as_ref().is_some_and(|p| p.created_dir),
+            staging_path: Some(req.staging.as_str().to_owned()),
+        };
+        let attrs = attrs_for(&req.capability, read_only);
+        self.mount_recorded("target_path", &target, &staging_fd, inode, attrs, record)
+    }
+
+    /// NodeUnpublishVolume: unmount the target and remove the directory if we made it. Not
+    /// published there is OK.
+    pub fn node_unpublish(&self, req: NodeUnpublish) -> Result<()> {
+        let id = self.known_volume(&req.volume)?;
+        let _guard = self.claim(&id)?;
+        let at = self.locate("target_path", &req.target)?;
+        let record = self
+            .store
+            .publication_at(req.target.as_str())?
+            .filter(|p| p.volume_id == id && p.kind == PublicationKind::Publish);
+        let inode = self.volume_inode_if_present(&id)?;
+        self.unmount_recorded("target_path", &at, inode, record.as_ref())
+    }
+
+    /// A volume id the store knows (in any state), or NOT_FOUND.
+    fn known_volume(&self, volume: &VolumeRef) -> Result<VolumeId> {
+        let id = volume.require()?;
+        match self.store.volume_by_id(id)? {
+            Some(v) => Ok(v.id),
+            None => Err(not_found(id.as_str())),
+        }
+    }
+
+    /// The inode of a volume's directory, or None when it is gone.
+    fn volume_inode_if_present(&self, id: &VolumeId) -> Result<Option<InodeId>> {
+        let Some(vol) = self.store.volume_by_id(id)? else {
+            return Ok(None);
+        };
+        let Some(pool) = self.pools.get(&vol.pool) else {
+            return Ok(None);
+        };
+        match self.volume_inode(pool, id) {
+            Ok((_, inode)) => Ok(Some(inode)),
+            Err(Error::NotFound(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// NodeGetVolumeStats: usage as the volume's capacity enforcement sees it, and its
+    /// condition.
+    pub fn node_stats(&self, req: NodeStats) -> Result<csi::NodeGetVolumeStatsResponse> {
+        let (vol, pool) = self.ready_volume(&req.volume)?;
+        let record = self
+            .store
+            .publication_at(req.path.as_str())?
+            .filter(|p| p.volume_id == vol.id)
+            .ok_or_else(|| {
+                Error::NotFound(format!(
+                    "volume_path {:?} is not a staging or publish path of volume {}",
+                    req.path.as_str(),
+                    vol.id
+                ))
+            })?;
+        let abnormal = |message: String| csi::NodeGetVolumeStatsResponse {
+            usage: vec![],
+            volume_condition: Some(csi::VolumeCondition {
+                abnormal: true,
+                message,
+            }),
+        };
+        let (dir, inode) = match self.volume_inode(&pool, &vol.id) {
+            Ok(v) => v,
+            Err(Error::NotFound(m)) => return Ok(abnormal(m)),
+            Err(e) => return Err(e),
+        };
+        let at = self.locate("volume_path", &req.path)?;
+        let mounted = match self.leaf("volume_path", &at)? {
+            Leaf::MountRoot { fd, id } if id == inode => fd,
+            _ => {
+                return Ok(abnormal(format!(
+                    "the volume is not mounted at {:?} any more",
+                    req.path.as_str()
+                )))
+            }
+        };
+        let space = sysfs::fs_space(mounted.as_fd())
+            .map_err(|e| Error::internal("statvfs of volume_path", e))?;
+        let usage = pool.usage(&vol, &dir)?;
+        let condition = if space.read_only && !record.read_only {
+            csi::VolumeCondition {
+                abnormal: true,
+                message: "the volume's filesystem is read-only".to_owned(),
+            }
+        } else {
+            let c = pool.condition(&vol);
+            csi::VolumeCondition {
+                abnormal: c.abnormal,
+                message: c.message,
+            }
+        };
+        let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        Ok(csi::NodeGetVolumeStatsResponse {
+            usage: vec![
+                csi::VolumeUsage {
+                    available: n(usage.bytes_available),
+                    total: n(usage.bytes_total),
+                    used: n(usage.bytes_used),
+                    unit: csi::volume_usage::Unit::Bytes as i32,
+                },
+                csi::VolumeUsage {
+                    available: n(usage.inodes_available),
+                    total: n(usage.inodes_total),
+                    used: n(usage.inodes_used),
+                    unit: csi::volume_usage::Unit::Inodes as i32,
+                },
+            ],
+            volume_condition: Some(condition),
+        })
+    }
+
+    /// At start: the kernel is the truth. A record whose mount is gone (reboot, or a crash
+    /// before the mount) is dropped, with the directory we made; a record left `mounting`
+    /// whose mount exists is finished; one left `unmounting` is finished.
+    pub(crate) fn reconcile_publications(&self) -> Result<()> {
+        let records = self.store.all_publications()?;
+        // Publish records first: unstaging must not run under a live publication.
+        let (publish, stage): (Vec<_>, Vec<_>) = records
+            .into_iter()
+            .partition(|p| p.kind == PublicationKind::Publish);
+        for record in publish.into_iter().chain(stage) {
+            let field = match record.kind {
+                PublicationKind::Stage => "staging_target_path",
+                PublicationKind::Publish => "target_path",
+            };
+            let outcome = (|| -> Result<&'static str> {
+                let path = HostPath::parse(field, &record.path)?;
+                let at = self.locate(field, &path)?;
+                let inode = self.volume_inode_if_present(&record.volume_id)?;
+                let mounted = matches!(self.leaf(field, &at)?, Leaf::MountRoot { id, .. } if Some(id) == inode);
+                match (record.state, mounted) {
+                    (PublicationState::Mounted, true) => Ok("kept"),
+                    (PublicationState::Mounting, true) => {
+                        let mut r = record.clone();
+                        r.state = PublicationState::Mounted;
+                        self.store.put_publication(&r)?;
+                        Ok("finished mounting")
+                    }
+                    (PublicationState::Unmounting, _) | (_, false) => {
+                        self.unmount_recorded(field, &at, inode, Some(&record))?;
+                        Ok("cleaned")
+                    }
+                }
+            })();
+            match outcome {
+                Ok("kept") => {}
+                Ok(what) => {
+                    tracing::info!(path = %record.path, volume = %record.volume_id, what, "reconciled publication")
+                }
+                Err(e) => {
+                    tracing::warn!(path = %record.path, volume = %record.volume_id, error = %e, "stale publication could not be checked; dropping its record");
+                    self.store.remove_publication(&record.path)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[tonic::async_trait]
+impl csi::node_server::Node for Driver {
+    async fn node_stage_volume(
+        &self,
+        req: Request<csi::NodeStageVolumeRequest>,
+    ) -> Result<Response<csi::NodeStageVolumeResponse>, Status> {
+        let req = req.into_inner();
+        let subject = req.volume_id.clone();
+        self.call(Service::Node, "NodeStageVolume", &subject, move |e| {
+            e.node_stage(NodeStage::try_from(&req)?)?;
+            Ok(csi::NodeStageVolumeResponse {})
+        })
+        .await
+    }
+
+    async fn node_unstage_volume(
+        &self,
+        req: Request<csi::NodeUnstageVolumeRequest>,
+    ) -> Result<Response<csi::NodeUnstageVolumeResponse>, Status> {
+        let req = req.into_inner();
+        let subject = req.volume_id.clone();
+        self.call(Service::Node, "NodeUnstageVolume", &subject, move |e| {
+            e.node_unstage(NodeUnstage::try_from(&req)?)?;
+            Ok(csi::NodeUnstageVolumeResponse {})
+        })
+        .await
+    }
+
+    async fn node_publish_volume(
+        &self,
+        req: Request<csi::NodePublishVolumeRequest>,
+    ) -> Result<Response<csi::NodePublishVolumeResponse>, Status> {
+        let req = req.into_inner();
+        let subject = req.volume_id.clone();
+        self.call(Service::Node, "NodePublishVolume", &subject, move |e| {
+            e.node_publish(NodePublish::try_from(&req)?)?;
+            Ok(csi::NodePublishVolumeResponse {})
+        })
+        .await
+    }
+
+    async fn node_unpublish_volume(
+        &self,
+        req: Request<csi::NodeUnpublishVolumeRequest>,
+    ) -> Result<Response<csi::NodeUnpublishVolumeResponse>, Status> {
+        let req = req.into_inner();
+        let subject = req.volume_id.clone();
+        self.call(Service::Node, "NodeUnpublishVolume", &subject, move |e| {
+            e.node_unpublish(NodeUnpublish::try_from(&req)?)?;
+            Ok(csi::NodeUnpublishVolumeResponse {})
+        })
+        .await
+    }
+
+    async fn node_get_volume_stats(
+        &self,
+        req: Request<csi::NodeGetVolumeStatsRequest>,
+    ) -> Result<Response<csi::NodeGetVolumeStatsResponse>, Status> {
+        let req = req.into_inner();
+        let subject = req.volume_id.clone();
+        self.call(Service::Node, "NodeGetVolumeStats", &subject, move |e| {
+            e.node_stats(NodeStats::try_from(&req)?)
+        })
+        .await
+    }
+
+    async fn node_expand_volume(
+        &self,
+        _req: Request<csi::NodeExpandVolumeRequest>,
+    ) -> Result<Response<csi::NodeExpandVolumeResponse>, Status> {
+        self.serves(Service::Node)?;
+        Err(Error::Unimplemented(
+            "NodeExpandVolume is not offered by stowage (see NodeGetCapabilities)".into(),
+        )
+        .into())
+    }
+
+    async fn node_get_capabilities(
+        &self,
+        _req: Request<csi::NodeGetCapabilitiesRequest>,
+    ) -> Result<Response<csi::NodeGetCapabilitiesResponse>, Status> {
+        self.serves(Service::Node)?;
+        let capabilities = [
+            NodeCap::StageUnstageVolume,
+            NodeCap::GetVolumeStats,
+            NodeCap::VolumeCondition,
+            NodeCap::SingleNodeMultiWriter,
+        ]
+        .into_iter()
+        .map(|t| csi::NodeServiceCapability {
+            r#type: Some(csi::node_service_capability::Type::Rpc(
+                csi::node_service_capability::Rpc { r#type: t as i32 },
+            )),
+        })
+        .collect();
+        Ok(Response::new(csi::NodeGetCapabilitiesResponse {
+            capabilities,
+        }))
+    }
+
+    async fn node_get_info(
+        &self,
+        _req: Request<csi::NodeGetInfoRequest>,
+    ) -> Result<Response<csi::NodeGetInfoResponse>, Status> {
+        self.serves(Service::Node)?;
+        let engine: &Arc<Engine> = &self.engine;
+        let identity = engine.identity();
+        Ok(Response::new(csi::NodeGetInfoResponse {
+            node_id: identity.node_id.clone(),
+            max_volumes_per_node: engine.max_volumes_per_node.unwrap_or(0),
+            accessible_topology: Some(csi::Topology {
+                segments: identity.segments().into_iter().collect(),
+            }),
+        }))
+    }
+}

@@ -1,0 +1,305 @@
+//! Pools: where volumes live on this node. A [`Pool`] is one configured backend; the `dir`
+//! backend keeps a directory per volume under `<path>/volumes/`, with a project quota where
+//! the filesystem enforces one.
+
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use stowage_core::config::{PoolConfig, PoolKind};
+use stowage_core::{Error, Result, VolumeId};
+use stowage_sys::fs::{self as sysfs, FsSpace};
+use stowage_sys::{Errno, Kernel, QuotaSupport, SysError};
+
+use crate::store::VolumeRecord;
+
+/// Granule volume sizes are rounded up to.
+pub const SIZE_GRANULE: u64 = 1 << 20;
+
+/// The health of a volume's backing storage, as CSI's VolumeCondition reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Condition {
+    pub abnormal: bool,
+    pub message: String,
+}
+
+/// Bytes and inodes of one volume as its capacity enforcement sees them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct VolumeUsage {
+    pub bytes_total: u64,
+    pub bytes_used: u64,
+    pub bytes_available: u64,
+    pub inodes_total: u64,
+    pub inodes_used: u64,
+    pub inodes_available: u64,
+}
+
+/// One pool of this node.
+#[derive(Debug)]
+pub struct Pool {
+    name: String,
+    kind: PoolKind,
+    path: PathBuf,
+    /// `<path>/volumes`, the only directory volume ids are resolved in.
+    volumes: OwnedFd,
+    fs_type: String,
+    quota: QuotaSupport,
+    default_size: u64,
+    kernel: Arc<dyn Kernel>,
+}
+
+fn sys(context: impl std::fmt::Display) -> impl FnOnce(SysError) -> Error {
+    move |e| match e.errno {
+        Errno::NOSPC | Errno::DQUOT => Error::ResourceExhausted(format!("{context}: {e}")),
+        _ => Error::internal(context, e),
+    }
+}
+
+impl Pool {
+    /// Opens (creating if needed) a configured pool and detects its capacity enforcement.
+    pub fn open(cfg: &PoolConfig, kernel: Arc<dyn Kernel>) -> Result<Self> {
+        let volumes_path = cfg.path.join("volumes");
+        sysfs::create_trusted_dir_all(&volumes_path).map_err(sys(format!(
+            "pool {:?}: creating {}",
+            cfg.name,
+            volumes_path.display()
+        )))?;
+        let volumes = sysfs::open_trusted_dir(&volumes_path).map_err(sys(format!(
+            "pool {:?}: opening {}",
+            cfg.name,
+            volumes_path.display()
+        )))?;
+        let fs_type = sysfs::fs_type_name(volumes.as_fd())
+            .map_err(sys(format!("pool {:?}: statfs", cfg.name)))?;
+        let quota = kernel.quota_support(volumes.as_fd());
+        match &quota {
+            QuotaSupport::Enforced => tracing::info!(
+                pool = %cfg.name, path = %cfg.path.display(), fs = %fs_type,
+                "pool capacity is enforced with project quotas"
+            ),
+            QuotaSupport::Unavailable(why) => tracing::warn!(
+                pool = %cfg.name, path = %cfg.path.display(), fs = %fs_type,
+                "pool capacity is ADVISORY: project quotas unavailable ({why}); volumes can grow past their size"
+            ),
+        }
+        Ok(Pool {
+            name: cfg.name.clone(),
+            kind: cfg.kind,
+            path: cfg.path.clone(),
+            volumes,
+            fs_type,
+            quota,
+            default_size: cfg.default_size_bytes()?,
+            kernel,
+        })
+    }
+
+    /// The pool's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Its configured host path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Backend kind.
+    pub fn kind(&self) -> PoolKind {
+        self.kind
+    }
+
+    /// Size for requests that name none.
+    pub fn default_size(&self) -> u64 {
+        self.default_size
+    }
+
+    /// Whether volumes of this pool are hard-limited.
+    pub fn quota(&self) -> &QuotaSupport {
+        &self.quota
+    }
+
+    /// Raw block volumes need a block device; a directory pool has none.
+    pub fn supports_block(&self) -> bool {
+        false
+    }
+
+    /// A directory volume has the pool's filesystem: an empty fs_type or that one.
+    pub fn supports_fs_type(&self, fs_type: &str) -> bool {
+        fs_type.is_empty() || fs_type == self.fs_type
+    }
+
+    /// The filesystem type of the pool.
+    pub fn fs_type(&self) -> &str {
+        &self.fs_type
+    }
+
+    /// What CreateVolume puts into `volume_context`: the pool and how capacity is enforced.
+    pub fn volume_context(&self) -> BTreeMap<String, String> {
+        let mut ctx = BTreeMap::new();
+        ctx.insert("pool".to_owned(), self.name.clone());
+        match &self.quota {
+            QuotaSupport::Enforced => {
+                ctx.insert("capacityEnforcement".to_owned(), "quota".to_owned());
+            }
+            QuotaSupport::Unavailable(why) => {
+                ctx.insert("capacityEnforcement".to_owned(), "advisory".to_owned());
+                ctx.insert("capacityNote".to_owned(), truncate(why, 128));
+            }
+        }
+        ctx
+    }
+
+    /// Space of the pool's filesystem.
+    pub fn space(&self) -> Result<FsSpace> {
+        sysfs::fs_space(self.volumes.as_fd()).map_err(sys(format!("pool {:?}: statvfs", self.name)))
+    }
+
+    /// Creates the volume's directory and its quota. Idempotent: an existing directory is
+    /// reused (a retried or reconciled create continues where it stopped).
+    pub fn create(&self, vol: &VolumeRecord) -> Result<()> {
+        let id = vol.id.as_str();
+        match sysfs::mkdir_at(self.volumes.as_fd(), id, 0o777) {
+            Ok(()) => {}
+            Err(e) if e.errno == Errno::EXIST => {}
+            Err(e) => return Err(sys(format!("creating volume {id} in pool {:?}", self.name))(e)),
+        }
+        let dir = sysfs::open_dir_beneath(self.volumes.as_fd(), Path::new(id)).map_err(sys(
+            format!("opening volume {id} (it must be a directory, not a link)"),
+        ))?;
+        if self.quota == QuotaSupport::Enforced {
+            let project = vol.project_id();
+            self.kernel
+                .set_project_id(dir.as_fd(), project)
+                .map_err(sys(format!("setting project {project} on volume {id}")))?;
+            self.kernel
+                .set_project_limit(self.volumes.as_fd(), project, vol.capacity)
+                .map_err(sys(format!("limiting project {project} of volume {id}")))?;
+        }
+        sysfs::sync_dir(self.volumes.as_fd())
+            .map_err(sys(format!("syncing pool {:?}", self.name)))?;
+        Ok(())
+    }
+
+    /// Removes the volume's tree fd-relative, never following a link nor entering another
+    /// mount, then lifts its quota. Absent is not an error.
+    pub fn delete(&self, vol: &VolumeRecord) -> Result<()> {
+        let id = vol.id.as_str();
+        sysfs::remove_tree_at(self.volumes.as_fd(), id).map_err(|e| {
+            if e.errno == Errno::BUSY {
+                Error::FailedPrecondition(format!(
+                    "volume {id} contains a mount point ({e}); it was left in place"
+                ))
+            } else {
+                Error::internal(format!("removing volume {id}"), e)
+            }
+        })?;
+        if self.quota == QuotaSupport::Enforced {
+            let project = vol.project_id();
+            self.kernel
+                .set_project_limit(self.volumes.as_fd(), project, 0)
+                .map_err(sys(format!("lifting quota of project {project}")))?;
+        }
+        sysfs::sync_dir(self.volumes.as_fd())
+            .map_err(sys(format!("syncing pool {:?}", self.name)))?;
+        Ok(())
+    }
+
+    /// Opens the volume's root directory (no link followed).
+    pub fn open_volume(&self, id: &VolumeId) -> Result<OwnedFd> {
+        sysfs::open_dir_beneath(self.volumes.as_fd(), Path::new(id.as_str())).map_err(|e| {
+            if e.errno == Errno::NOENT {
+                Error::NotFound(format!(
+                    "the directory of volume {id} is missing from pool {:?}",
+                    self.name
+                ))
+            } else {
+                Error::internal(format!("opening volume {id}"), e)
+            }
+        })
+    }
+
+    /// The condition of a volume: abnormal when its directory is gone or is not a directory.
+    pub fn condition(&self, vol: &VolumeRecord) -> Condition {
+        let enforcement = match &self.quota {
+            QuotaSupport::Enforced => "capacity enforced by project quota".to_owned(),
+            QuotaSupport::Unavailable(why) => format!("capacity is advisory: {why}"),
+        };
+        match sysfs::resolve_beneath(self.volumes.as_fd(), Path::new(vol.id.as_str()))
+            .and_then(|fd| sysfs::file_info(fd.as_fd()))
+        {
+            Ok(info) if info.is_dir => Condition {
+                abnormal: false,
+                message: enforcement,
+            },
+            Ok(_) => Condition {
+                abnormal: true,
+                message: "the volume's backing path is not a directory".to_owned(),
+            },
+            Err(e) if e.errno == Errno::NOENT => Condition {
+                abnormal: true,
+                message: format!(
+                    "the volume's backing directory is missing from pool {:?}",
+                    self.name
+                ),
+            },
+            Err(e) => Condition {
+                abnormal: true,
+                message: format!("the volume's backing directory cannot be checked: {e}"),
+            },
+        }
+    }
+
+    /// Usage of a volume as its enforcement sees it: the quota's counters where quotas are
+    /// enforced, otherwise a walk of its tree (no links followed, no mounts crossed) against
+    /// its recorded size.
+    pub fn usage(&self, vol: &VolumeRecord, dir: &OwnedFd) -> Result<VolumeUsage> {
+        let space = sysfs::fs_space(dir.as_fd()).map_err(sys("statvfs of volume"))?;
+        let (bytes_used, inodes_used, inodes_limit) = match self.quota {
+            QuotaSupport::Enforced => {
+                let q = self
+                    .kernel
+                    .project_usage(self.volumes.as_fd(), vol.project_id())
+                    .map_err(sys(format!("quota usage of volume {}", vol.id)))?;
+                (q.bytes_used, q.inodes_used, q.inodes_limit)
+            }
+            QuotaSupport::Unavailable(_) => {
+                let t = sysfs::tree_usage(dir.as_fd())
+                    .map_err(sys(format!("measuring volume {}", vol.id)))?;
+                (t.bytes, t.inodes, 0)
+            }
+        };
+        let bytes_total = vol.capacity;
+        // The volume can never hold more than its filesystem has free.
+        let bytes_available = bytes_total
+            .saturating_sub(bytes_used)
+            .min(space.bytes_available);
+        let (inodes_total, inodes_available) = if inodes_limit > 0 {
+            (inodes_limit, inodes_limit.saturating_sub(inodes_used))
+        } else {
+            (inodes_used + space.inodes_free, space.inodes_free)
+        };
+        Ok(VolumeUsage {
+            bytes_total,
+            bytes_used,
+            bytes_available,
+            inodes_total,
+            inodes_used,
+            inodes_available,
+        })
+    }
+}
+
+/// Cuts a string to at most `max` bytes on a character boundary (CSI map values are limited).
+pub fn truncate(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_owned();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_owned()
+}

@@ -1,0 +1,191 @@
+//! Start-up and the Unix-socket server: open the store and the pools, bind the socket, answer
+//! Probe with ready=false until reconciliation finishes, and drain on SIGTERM/SIGINT.
+
+use std::future::Future;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use stowage_core::config::Config;
+use stowage_core::{Error, Result};
+use stowage_csi::v1::{
+    controller_server::ControllerServer, identity_server::IdentityServer, node_server::NodeServer,
+};
+use stowage_sys::{Kernel, LinuxKernel};
+use tokio::net::UnixListener;
+use tokio_stream::wrappers::UnixListenerStream;
+
+use crate::engine::{Engine, Identity};
+use crate::pool::Pool;
+use crate::service::{Driver, Mode};
+use crate::store::Store;
+
+/// How long shutdown waits for calls in flight.
+const DRAIN_LIMIT: Duration = Duration::from_secs(30);
+
+/// Everything `stowage serve` is told.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// `unix:///abs/path` (or a bare absolute path).
+    pub endpoint: String,
+    pub node_id: String,
+    pub driver_name: String,
+    pub state_dir: PathBuf,
+    /// Parsed configuration; `None` means the embedded default.
+    pub config: Option<Config>,
+    pub mode: Mode,
+    /// Directories node requests' paths must lie under.
+    pub kubelet_dirs: Vec<PathBuf>,
+}
+
+/// The socket path of a `unix://` endpoint.
+pub fn socket_path(endpoint: &str) -> Result<PathBuf> {
+    let path = endpoint
+        .strip_prefix("unix://")
+        .or_else(|| endpoint.strip_prefix("unix:"))
+        .unwrap_or(endpoint);
+    let path = Path::new(path);
+    if !path.is_absolute() {
+        return Err(Error::InvalidArgument(format!(
+            "endpoint {endpoint:?} must be unix:///absolute/path"
+        )));
+    }
+    Ok(path.to_owned())
+}
+
+/// Opens the state directory, the store and the pools into an engine (not yet reconciled).
+pub fn build_engine(opts: &ServeOptions, kernel: Arc<dyn Kernel>) -> Result<Engine> {
+    std::fs::create_dir_all(&opts.state_dir).map_err(|e| {
+        Error::internal(
+            format!("creating state dir {}", opts.state_dir.display()),
+            e,
+        )
+    })?;
+    let config = opts
+        .config
+        .clone()
+        .unwrap_or_else(|| Config::embedded_default(&opts.state_dir));
+    config.check()?;
+    let store = Store::open(&opts.state_dir.join("stowage.db"))?;
+    let pools = config
+        .pools
+        .iter()
+        .map(|p| Pool::open(p, Arc::clone(&kernel)))
+        .collect::<Result<Vec<_>>>()?;
+    let identity = Identity {
+        node_id: opts.node_id.clone(),
+        topology_key: format!("{}/node", opts.driver_name),
+    };
+    let mut engine = Engine::new(store, pools, identity, kernel)?;
+    engine.max_volumes_per_node = config.max_volumes_per_node;
+    engine.kubelet_dirs = opts.kubelet_dirs.clone();
+    Ok(engine)
+}
+
+/// Binds the socket: a stale socket file from an earlier run is replaced, anything else at
+/// that path is refused. The socket is made 0660 (owner and group only).
+fn bind(path: &Path) -> Result<UnixListener> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)
+            .map_err(|e| Error::internal(format!("creating {}", parent.display()), e))?;
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) => {
+            use std::os::unix::fs::FileTypeExt;
+            if meta.file_type().is_socket() {
+                std::fs::remove_file(path).map_err(|e| {
+                    Error::internal(format!("removing stale socket {}", path.display()), e)
+                })?;
+            } else {
+                return Err(Error::FailedPrecondition(format!(
+                    "{} exists and is not a socket; refusing to replace it",
+                    path.display()
+                )));
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(Error::internal(format!("checking {}", path.display()), e)),
+    }
+    let listener = UnixListener::bind(path)
+        .map_err(|e| Error::internal(format!("binding {}", path.display()), e))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+        .map_err(|e| Error::internal(format!("chmod {}", path.display()), e))?;
+    Ok(listener)
+}
+
+/// Serves until `shutdown` resolves, then stops accepting, lets in-flight calls finish and
+/// removes the socket.
+pub async fn serve(opts: ServeOptions, shutdown: impl Future<Output = ()> + Send) -> Result<()> {
+    let path = socket_path(&opts.endpoint)?;
+    let engine = Arc::new(build_engine(&opts, Arc::new(LinuxKernel))?);
+    let listener = bind(&path)?;
+    tracing::info!(
+        endpoint = %opts.endpoint, node = %opts.node_id, driver = %opts.driver_name,
+        mode = ?opts.mode, version = env!("CARGO_PKG_VERSION"), "serving CSI"
+    );
+
+    // Reconcile in the background: Probe answers ready=false until it is done.
+    let reconciling = Arc::clone(&engine);
+    let reconcile = tokio::task::spawn_blocking(move || reconciling.reconcile());
+
+    let driver = Driver::new(Arc::clone(&engine), &opts.driver_name, opts.mode);
+    let (stop_accepting, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tonic::transport::Server::builder()
+        .add_service(IdentityServer::new(driver.clone()))
+        .add_service(ControllerServer::new(driver.clone()))
+        .add_service(NodeServer::new(driver.clone()))
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async {
+            let _ = stopped.await;
+        });
+    tokio::pin!(server);
+    let served = tokio::select! {
+        served = &mut server => served,
+        () = shutdown => {
+            // Stop accepting, then wait for the calls in flight; idle connections that a CO
+            // keeps open do not hold the exit up.
+            let _ = stop_accepting.send(());
+            let _ = std::fs::remove_file(&path);
+            let deadline = tokio::time::Instant::now() + DRAIN_LIMIT;
+            loop {
+                tokio::select! {
+                    served = &mut server => break served,
+                    () = tokio::time::sleep(Duration::from_millis(10)) => {
+                        if driver.in_flight() == 0 {
+                            break Ok(());
+                        }
+                        if tokio::time::Instant::now() >= deadline {
+                            tracing::warn!(in_flight = driver.in_flight(), "calls still running after the drain limit; exiting anyway");
+                            break Ok(());
+                        }
+                    }
+                }
+            }
+        }
+    };
+    let _ = std::fs::remove_file(&path);
+    served.map_err(|e| Error::internal("gRPC server", e))?;
+    match reconcile.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "start-up reconciliation failed"),
+        Err(e) => tracing::warn!(error = %e, "start-up reconciliation did not finish"),
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn termination() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::warn!("cannot install signal handlers; stop the driver with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: draining"),
+        _ = int.recv() => tracing::info!("SIGINT: draining"),
+    }
+}

@@ -1,0 +1,356 @@
+//! The tonic services. Each RPC is one line of plumbing: validate into a typed request, run
+//! the engine on a blocking thread, log once, map the error in the one place it is mapped.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use stowage_core::request::{
+    CreateVolume, DeleteVolume, GetCapacity, GetVolume, ListVolumes, ValidateCapabilities,
+};
+use stowage_core::{Error, Result};
+use stowage_csi::v1 as csi;
+use stowage_csi::v1::controller_service_capability::rpc::Type as CtrlCap;
+use stowage_csi::v1::plugin_capability::service::Type as PluginService;
+use tonic::{Request, Response, Status};
+
+use crate::engine::Engine;
+
+/// Which CSI services this process serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Identity + Controller.
+    Controller,
+    /// Identity + Node.
+    Node,
+    /// All three.
+    All,
+}
+
+impl Mode {
+    /// Whether the Controller service is served.
+    pub fn controller(self) -> bool {
+        matches!(self, Mode::Controller | Mode::All)
+    }
+    /// Whether the Node service is served.
+    pub fn node(self) -> bool {
+        matches!(self, Mode::Node | Mode::All)
+    }
+}
+
+/// The driver as the gRPC services see it. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Driver {
+    pub(crate) engine: Arc<Engine>,
+    name: Arc<str>,
+    mode: Mode,
+    in_flight: Arc<AtomicUsize>,
+}
+
+/// The two services a mode may leave out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Service {
+    Controller,
+    Node,
+}
+
+/// Counts a call as in flight until dropped.
+struct InFlight(Arc<AtomicUsize>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Driver {
+    /// Wraps an engine.
+    pub fn new(engine: Arc<Engine>, name: &str, mode: Mode) -> Self {
+        Driver {
+            engine,
+            name: name.into(),
+            mode,
+            in_flight: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+
+    /// Calls currently running (shutdown waits for them).
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Acquire)
+    }
+
+    /// UNIMPLEMENTED, with a message, for a service this mode does not serve. Both services
+    /// are always registered so that a CO gets this message rather than a bare status.
+    pub(crate) fn serves(&self, service: Service) -> Result<(), Status> {
+        let (served, flag) = match service {
+            Service::Controller => (self.mode.controller(), "controller"),
+            Service::Node => (self.mode.node(), "node"),
+        };
+        if served {
+            Ok(())
+        } else {
+            Err(Error::Unimplemented(format!(
+                "the {flag} service is not served by this instance (started with --mode {})",
+                match self.mode {
+                    Mode::Controller => "controller",
+                    Mode::Node => "node",
+                    Mode::All => "all",
+                }
+            ))
+            .into())
+        }
+    }
+
+    /// Runs `f` on a blocking thread once the engine is ready, and logs the call once with
+    /// its subject (a volume id or name, never a secret) and outcome.
+    pub(crate) async fn call<T, F>(
+        &self,
+        service: Service,
+        rpc: &'static str,
+        subject: &str,
+        f: F,
+    ) -> Result<Response<T>, Status>
+    where
+        F: FnOnce(&Engine) -> Result<T> + Send + 'static,
+        T: Send + 'static,
+    {
+        self.serves(service)?;
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        let _in_flight = InFlight(Arc::clone(&self.in_flight));
+        let start = Instant::now();
+        let engine = Arc::clone(&self.engine);
+        let result = match engine.require_ready() {
+            Err(e) => Err(e),
+            Ok(()) => tokio::task::spawn_blocking(move || f(&engine))
+                .await
+                .unwrap_or_else(|e| {
+                    Err(Error::Internal(format!(
+                        "{rpc} failed inside the driver: {e}"
+                    )))
+                }),
+        };
+        let micros = start.elapsed().as_micros() as u64;
+        match &result {
+            Ok(_) => tracing::info!(rpc, volume = ?subject, outcome = "OK", micros),
+            Err(e) => {
+                tracing::warn!(rpc, volume = ?subject, outcome = ?e.code(), micros, error = %e)
+            }
+        }
+        result.map(Response::new).map_err(Status::from)
+    }
+}
+
+#[tonic::async_trait]
+impl csi::identity_server::Identity for Driver {
+    async fn get_plugin_info(
+        &self,
+        _req: Request<csi::GetPluginInfoRequest>,
+    ) -> Result<Response<csi::GetPluginInfoResponse>, Status> {
+        Ok(Response::new(csi::GetPluginInfoResponse {
+            name: self.name.to_string(),
+            vendor_version: env!("CARGO_PKG_VERSION").to_owned(),
+            manifest: Default::default(),
+        }))
+    }
+
+    async fn get_plugin_capabilities(
+        &self,
+        _req: Request<csi::GetPluginCapabilitiesRequest>,
+    ) -> Result<Response<csi::GetPluginCapabilitiesResponse>, Status> {
+        let service = |t: PluginService| csi::PluginCapability {
+            r#type: Some(csi::plugin_capability::Type::Service(
+                csi::plugin_capability::Service { r#type: t as i32 },
+            )),
+        };
+        let mut capabilities = vec![service(PluginService::VolumeAccessibilityConstraints)];
+        if self.mode.controller() {
+            capabilities.insert(0, service(PluginService::ControllerService));
+        }
+        Ok(Response::new(csi::GetPluginCapabilitiesResponse {
+            capabilities,
+        }))
+    }
+
+    async fn probe(
+        &self,
+        _req: Request<csi::ProbeRequest>,
+    ) -> Result<Response<csi::ProbeResponse>, Status> {
+        // Probe is polled by liveness checks: it is answered without a log line.
+        Ok(Response::new(csi::ProbeResponse {
+            ready: Some(self.engine.is_ready()),
+        }))
+    }
+}
+
+fn unimplemented<T>(driver: &Driver, rpc: &str) -> Result<Response<T>, Status> {
+    driver.serves(Service::Controller)?;
+    Err(Error::Unimplemented(format!(
+        "{rpc} is not offered by stowage (see ControllerGetCapabilities)"
+    ))
+    .into())
+}
+
+#[tonic::async_trait]
+impl csi::controller_server::Controller for Driver {
+    async fn create_volume(
+        &self,
+        req: Request<csi::CreateVolumeRequest>,
+    ) -> Result<Response<csi::CreateVolumeResponse>, Status> {
+        let req = req.into_inner();
+        let subject = req.name.clone();
+        self.call(Service::Controller, "CreateVolume", &subject, move |e| {
+            let volume = e.create_volume(CreateVolume::try_from(&req)?)?;
+            Ok(csi::CreateVolumeResponse {
+                volume: Some(volume),
+            })
+        })
+        .await
+    }
+
+    async fn delete_volume(
+        &self,
+        req: Request<csi::DeleteVolumeRequest>,
+    ) -> Result<Response<csi::DeleteVolumeResponse>, Status> {
+        let req = req.into_inner();
+        let subject = req.volume_id.clone();
+        self.call(Service::Controller, "DeleteVolume", &subject, move |e| {
+            e.delete_volume(DeleteVolume::try_from(&req)?)?;
+            Ok(csi::DeleteVolumeResponse {})
+        })
+        .await
+    }
+
+    async fn controller_publish_volume(
+        &self,
+        _req: Request<csi::ControllerPublishVolumeRequest>,
+    ) -> Result<Response<csi::ControllerPublishVolumeResponse>, Status> {
+        unimplemented(self, "ControllerPublishVolume")
+    }
+
+    async fn controller_unpublish_volume(
+        &self,
+        _req: Request<csi::ControllerUnpublishVolumeRequest>,
+    ) -> Result<Response<csi::ControllerUnpublishVolumeResponse>, Status> {
+        unimplemented(self, "ControllerUnpublishVolume")
+    }
+
+    async fn validate_volume_capabilities(
+        &self,
+        req: Request<csi::ValidateVolumeCapabilitiesRequest>,
+    ) -> Result<Response<csi::ValidateVolumeCapabilitiesResponse>, Status> {
+        let req = req.into_inner();
+        let subject = req.volume_id.clone();
+        self.call(
+            Service::Controller,
+            "ValidateVolumeCapabilities",
+            &subject,
+            move |e| e.validate_capabilities(ValidateCapabilities::try_from(&req)?),
+        )
+        .await
+    }
+
+    async fn list_volumes(
+        &self,
+        req: Request<csi::ListVolumesRequest>,
+    ) -> Result<Response<csi::ListVolumesResponse>, Status> {
+        let req = req.into_inner();
+        self.call(Service::Controller, "ListVolumes", "", move |e| {
+            e.list_volumes(ListVolumes::try_from(&req)?)
+        })
+        .await
+    }
+
+    async fn get_capacity(
+        &self,
+        req: Request<csi::GetCapacityRequest>,
+    ) -> Result<Response<csi::GetCapacityResponse>, Status> {
+        let req = req.into_inner();
+        self.call(Service::Controller, "GetCapacity", "", move |e| {
+            e.get_capacity(GetCapacity::try_from(&req)?)
+        })
+        .await
+    }
+
+    async fn controller_get_capabilities(
+        &self,
+        _req: Request<csi::ControllerGetCapabilitiesRequest>,
+    ) -> Result<Response<csi::ControllerGetCapabilitiesResponse>, Status> {
+        self.serves(Service::Controller)?;
+        let capabilities = [
+            CtrlCap::CreateDeleteVolume,
+            CtrlCap::ListVolumes,
+            CtrlCap::ListVolumesPublishedNodes,
+            CtrlCap::GetCapacity,
+            CtrlCap::GetVolume,
+            CtrlCap::VolumeCondition,
+            CtrlCap::SingleNodeMultiWriter,
+        ]
+        .into_iter()
+        .map(|t| csi::ControllerServiceCapability {
+            r#type: Some(csi::controller_service_capability::Type::Rpc(
+                csi::controller_service_capability::Rpc { r#type: t as i32 },
+            )),
+        })
+        .collect();
+        Ok(Response::new(csi::ControllerGetCapabilitiesResponse {
+            capabilities,
+        }))
+    }
+
+    async fn create_snapshot(
+        &self,
+        _req: Request<csi::CreateSnapshotRequest>,
+    ) -> Result<Response<csi::CreateSnapshotResponse>, Status> {
+        unimplemented(self, "CreateSnapshot")
+    }
+
+    async fn delete_snapshot(
+        &self,
+        _req: Request<csi::DeleteSnapshotRequest>,
+    ) -> Result<Response<csi::DeleteSnapshotResponse>, Status> {
+        unimplemented(self, "DeleteSnapshot")
+    }
+
+    async fn list_snapshots(
+        &self,
+        _req: Request<csi::ListSnapshotsRequest>,
+    ) -> Result<Response<csi::ListSnapshotsResponse>, Status> {
+        unimplemented(self, "ListSnapshots")
+    }
+
+    async fn get_snapshot(
+        &self,
+        _req: Request<csi::GetSnapshotRequest>,
+    ) -> Result<Response<csi::GetSnapshotResponse>, Status> {
+        unimplemented(self, "GetSnapshot")
+    }
+
+    async fn controller_expand_volume(
+        &self,
+        _req: Request<csi::ControllerExpandVolumeRequest>,
+    ) -> Result<Response<csi::ControllerExpandVolumeResponse>, Status> {
+        unimplemented(self, "ControllerExpandVolume")
+    }
+
+    async fn controller_get_volume(
+        &self,
+        req: Request<csi::ControllerGetVolumeRequest>,
+    ) -> Result<Response<csi::ControllerGetVolumeResponse>, Status> {
+        let req = req.into_inner();
+        let subject = req.volume_id.clone();
+        self.call(
+            Service::Controller,
+            "ControllerGetVolume",
+            &subject,
+            move |e| e.get_volume(GetVolume::try_from(&req)?),
+        )
+        .await
+    }
+
+    async fn controller_modify_volume(
+        &self,
+        _req: Request<csi::ControllerModifyVolumeRequest>,
+    ) -> Result<Response<csi::ControllerModifyVolumeResponse>, Status> {
+        unimplemented(self, "ControllerModifyVolume")
+    }
+}

@@ -1,0 +1,595 @@
+//! The metadata store: one SQLite file (WAL, every commit fsync'd) holding volumes and
+//! publications. It is the truth for what volumes exist; the kernel is the truth for mounts.
+//!
+//! Every backend action is bracketed by two commits: the record is written in `creating` or
+//! `deleting` state first, and finished after, so start-up reconciliation can complete or undo
+//! whatever a crash interrupted.
+
+use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use rusqlite::{params, Connection, OptionalExtension, Row};
+use stowage_core::{Error, Result, VolumeId};
+
+/// Project ids handed to the kernel are this plus the volume's sequence number, which
+/// SQLite's AUTOINCREMENT never reuses, so a project id never names two volumes.
+pub const PROJECT_ID_BASE: u64 = 2_000_000_000;
+
+const SCHEMA_VERSION: i64 = 1;
+
+const SCHEMA: &str = "
+CREATE TABLE volumes (
+    seq           INTEGER PRIMARY KEY AUTOINCREMENT,
+    id            TEXT    NOT NULL UNIQUE,
+    name          TEXT    NOT NULL UNIQUE,
+    pool          TEXT    NOT NULL,
+    capacity      INTEGER NOT NULL,
+    state         TEXT    NOT NULL CHECK (state IN ('creating', 'ready', 'deleting')),
+    block         INTEGER NOT NULL,
+    pvc_name      TEXT,
+    pvc_namespace TEXT,
+    pv_name       TEXT,
+    created_at    INTEGER NOT NULL
+);
+CREATE INDEX volumes_state ON volumes (state) WHERE state != 'ready';
+CREATE TABLE publications (
+    path          TEXT    PRIMARY KEY,
+    volume_id     TEXT    NOT NULL REFERENCES volumes (id),
+    kind          TEXT    NOT NULL CHECK (kind IN ('stage', 'publish')),
+    state         TEXT    NOT NULL CHECK (state IN ('mounting', 'mounted', 'unmounting')),
+    read_only     INTEGER NOT NULL,
+    access_mode   INTEGER NOT NULL,
+    flags         TEXT    NOT NULL,
+    created_dir   INTEGER NOT NULL,
+    staging_path  TEXT
+);
+CREATE INDEX publications_volume ON publications (volume_id);
+";
+
+/// Lifecycle state of a volume record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VolumeState {
+    /// Intent recorded; the backend may or may not have acted.
+    Creating,
+    /// The backend finished; the volume is usable.
+    Ready,
+    /// Deletion decided; the backend may or may not have removed it.
+    Deleting,
+}
+
+impl VolumeState {
+    fn as_str(self) -> &'static str {
+        match self {
+            VolumeState::Creating => "creating",
+            VolumeState::Ready => "ready",
+            VolumeState::Deleting => "deleting",
+        }
+    }
+
+    fn parse(s: &str) -> rusqlite::Result<Self> {
+        match s {
+            "creating" => Ok(VolumeState::Creating),
+            "ready" => Ok(VolumeState::Ready),
+            "deleting" => Ok(VolumeState::Deleting),
+            other => Err(rusqlite::Error::InvalidColumnType(
+                0,
+                format!("volume state {other:?}"),
+                rusqlite::types::Type::Text,
+            )),
+        }
+    }
+}
+
+/// A volume as recorded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeRecord {
+    pub seq: i64,
+    pub id: VolumeId,
+    pub name: String,
+    pub pool: String,
+    pub capacity: u64,
+    pub state: VolumeState,
+    pub block: bool,
+    pub pvc_name: Option<String>,
+    pub pvc_namespace: Option<String>,
+    pub pv_name: Option<String>,
+    pub created_at: i64,
+}
+
+impl VolumeRecord {
+    /// The project id charged for this volume's files.
+    pub fn project_id(&self) -> u32 {
+        u32::try_from(PROJECT_ID_BASE + self.seq as u64).unwrap_or(u32::MAX)
+    }
+}
+
+/// What CreateVolume asks the store to record.
+#[derive(Debug, Clone)]
+pub struct NewVolume<'a> {
+    pub id: &'a VolumeId,
+    pub name: &'a str,
+    pub pool: &'a str,
+    pub capacity: u64,
+    pub block: bool,
+    pub pvc_name: Option<&'a str>,
+    pub pvc_namespace: Option<&'a str>,
+    pub pv_name: Option<&'a str>,
+}
+
+/// Kind of a node publication.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PublicationKind {
+    Stage,
+    Publish,
+}
+
+impl PublicationKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            PublicationKind::Stage => "stage",
+            PublicationKind::Publish => "publish",
+        }
+    }
+    fn parse(s: &str) -> rusqlite::Result<Self> {
+        match s {
+            "stage" => Ok(PublicationKind::Stage),
+            "publish" => Ok(PublicationKind::Publish),
+            other => Err(rusqlite::Error::InvalidColumnType(
+                0,
+                format!("publication kind {other:?}"),
+                rusqlite::types::Type::Text,
+            )),
+        }
+    }
+}
+
+/// State of a publication record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PublicationState {
+    Mounting,
+    Mounted,
+    Unmounting,
+}
+
+impl PublicationState {
+    fn as_str(self) -> &'static str {
+        match self {
+            PublicationState::Mounting => "mounting",
+            PublicationState::Mounted => "mounted",
+            PublicationState::Unmounting => "unmounting",
+        }
+    }
+    fn parse(s: &str) -> rusqlite::Result<Self> {
+        match s {
+            "mounting" => Ok(PublicationState::Mounting),
+            "mounted" => Ok(PublicationState::Mounted),
+            "unmounting" => Ok(PublicationState::Unmounting),
+            other => Err(rusqlite::Error::InvalidColumnType(
+                0,
+                format!("publication state {other:?}"),
+                rusqlite::types::Type::Text,
+            )),
+        }
+    }
+}
+
+/// A staging or publish mount made by this node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Publication {
+    pub path: String,
+    pub volume_id: VolumeId,
+    pub kind: PublicationKind,
+    pub state: PublicationState,
+    pub read_only: bool,
+    pub access_mode: i32,
+    /// Mount flags, comma-separated, sorted.
+    pub flags: String,
+    /// Whether the driver created the directory at `path` (and so removes it on unpublish).
+    pub created_dir: bool,
+    /// For publish: the staging path it was published from.
+    pub staging_path: Option<String>,
+}
+
+/// The SQLite-backed store. One connection behind a mutex: SQLite serialises writers anyway,
+/// and every statement here touches a handful of rows by index.
+#[derive(Debug)]
+pub struct Store {
+    conn: Mutex<Connection>,
+}
+
+fn db_err(e: rusqlite::Error) -> Error {
+    Error::internal("metadata store", e)
+}
+
+fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+fn volume_from_row(row: &Row<'_>) -> rusqlite::Result<VolumeRecord> {
+    let id: String = row.get("id")?;
+    let id = VolumeId::parse(&id).map_err(|_| {
+        rusqlite::Error::InvalidColumnType(
+            0,
+            format!("volume id {id:?}"),
+            rusqlite::types::Type::Text,
+        )
+    })?;
+    Ok(VolumeRecord {
+        seq: row.get("seq")?,
+        id,
+        name: row.get("name")?,
+        pool: row.get("pool")?,
+        capacity: row.get::<_, i64>("capacity")? as u64,
+        state: VolumeState::parse(&row.get::<_, String>("state")?)?,
+        block: row.get("block")?,
+        pvc_name: row.get("pvc_name")?,
+        pvc_namespace: row.get("pvc_namespace")?,
+        pv_name: row.get("pv_name")?,
+        created_at: row.get("created_at")?,
+    })
+}
+
+fn publication_from_row(row: &Row<'_>) -> rusqlite::Result<Publication> {
+    let id: String = row.get("volume_id")?;
+    let volume_id = VolumeId::parse(&id).map_err(|_| {
+        rusqlite::Error::InvalidColumnType(
+            0,
+            format!("volume id {id:?}"),
+            rusqlite::types::Type::Text,
+        )
+    })?;
+    Ok(Publication {
+        path: row.get("path")?,
+        volume_id,
+        kind: PublicationKind::parse(&row.get::<_, String>("kind")?)?,
+        state: PublicationState::parse(&row.get::<_, String>("state")?)?,
+        read_only: row.get("read_only")?,
+        access_mode: row.get("access_mode")?,
+        flags: row.get("flags")?,
+        created_dir: row.get("created_dir")?,
+        staging_path: row.get("staging_path")?,
+    })
+}
+
+const VOLUME_COLUMNS: &str =
+    "seq, id, name, pool, capacity, state, block, pvc_name, pvc_namespace, pv_name, created_at";
+const PUBLICATION_COLUMNS: &str =
+    "path, volume_id, kind, state, read_only, access_mode, flags, created_dir, staging_path";
+
+impl Store {
+    /// Opens (creating if needed) the database at `path`: WAL journal, `synchronous=FULL` so
+    /// every commit is durable when it returns, and the schema at its current version.
+    pub fn open(path: &Path) -> Result<Self> {
+        let conn = Connection::open(path)
+            .map_err(|e| Error::internal(format!("opening {}", path.display()), e))?;
+        Self::init(conn)
+    }
+
+    /// An in-memory store, for unit tests.
+    pub fn open_in_memory() -> Result<Self> {
+        Self::init(Connection::open_in_memory().map_err(db_err)?)
+    }
+
+    fn init(conn: Connection) -> Result<Self> {
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(db_err)?;
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(db_err)?;
+        conn.pragma_update(None, "foreign_keys", "ON")
+            .map_err(db_err)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(db_err)?;
+        let version: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(db_err)?;
+        match version {
+            0 => {
+                conn.execute_batch(&format!(
+                    "BEGIN; {SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+                ))
+                .map_err(db_err)?;
+            }
+            SCHEMA_VERSION => {}
+            newer => {
+                return Err(Error::Internal(format!(
+                    "metadata store has schema version {newer}; this stowage knows {SCHEMA_VERSION}: refusing to touch it"
+                )))
+            }
+        }
+        Ok(Store {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        // A panic while holding the lock leaves SQLite itself consistent (statements are
+        // atomic), so a poisoned lock is still safe to use.
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records a new volume in `creating` state.
+    pub fn insert_volume(&self, v: &NewVolume<'_>) -> Result<VolumeRecord> {
+        let conn = self.conn();
+        conn.prepare_cached(&format!(
+            "INSERT INTO volumes (id, name, pool, capacity, state, block, pvc_name, pvc_namespace, pv_name, created_at)
+             VALUES (?1, ?2, ?3, ?4, 'creating', ?5, ?6, ?7, ?8, ?9) RETURNING {VOLUME_COLUMNS}"
+        ))
+        .and_then(|mut st| {
+            st.query_row(
+                params![
+                    v.id.as_str(),
+                    v.name,
+                    v.pool,
+                    v.capacity as i64,
+                    v.block,
+                    v.pvc_name,
+                    v.pvc_namespace,
+                    v.pv_name,
+                    now()
+                ],
+                volume_from_row,
+            )
+        })
+        .map_err(db_err)
+    }
+
+    /// The volume with this CO name, in any state.
+    pub fn volume_by_name(&self, name: &str) -> Result<Option<VolumeRecord>> {
+        let conn = self.conn();
+        conn.prepare_cached(&format!(
+            "SELECT {VOLUME_COLUMNS} FROM volumes WHERE name = ?1"
+        ))
+        .and_then(|mut st| st.query_row([name], volume_from_row).optional())
+        .map_err(db_err)
+    }
+
+    /// The volume with this id, in any state.
+    pub fn volume_by_id(&self, id: &VolumeId) -> Result<Option<VolumeRecord>> {
+        let conn = self.conn();
+        conn.prepare_cached(&format!(
+            "SELECT {VOLUME_COLUMNS} FROM volumes WHERE id = ?1"
+        ))
+        .and_then(|mut st| st.query_row([id.as_str()], volume_from_row).optional())
+        .map_err(db_err)
+    }
+
+    /// Moves a volume to `state`.
+    pub fn set_volume_state(&self, id: &VolumeId, state: VolumeState) -> Result<()> {
+        let conn = self.conn();
+        conn.prepare_cached("UPDATE volumes SET state = ?2 WHERE id = ?1")
+            .and_then(|mut st| st.execute(params![id.as_str(), state.as_str()]))
+            .map_err(db_err)?;
+        Ok(())
+    }
+
+    /// Forgets a volume (after its backend artifacts are gone).
+    pub fn remove_volume(&self, id: &VolumeId) -> Result<()> {
+        let conn = self.conn();
+        conn.prepare_cached("DELETE FROM volumes WHERE id = ?1")
+            .and_then(|mut st| st.execute([id.as_str()]))
+            .map_err(db_err)?;
+        Ok(())
+    }
+
+    /// Volumes not in `ready` state (for reconciliation).
+    pub fn unfinished_volumes(&self) -> Result<Vec<VolumeRecord>> {
+        let conn = self.conn();
+        let mut st = conn
+            .prepare_cached(&format!(
+                "SELECT {VOLUME_COLUMNS} FROM volumes WHERE state != 'ready' ORDER BY seq"
+            ))
+            .map_err(db_err)?;
+        let rows = st.query_map([], volume_from_row).map_err(db_err)?;
+        rows.collect::<rusqlite::Result<_>>().map_err(db_err)
+    }
+
+    /// Ready volumes with `seq >= from`, in seq order, at most `limit` (None: all); each with
+    /// whether it has a publication on this node.
+    pub fn list_ready(&self, from: i64, limit: Option<u32>) -> Result<Vec<(VolumeRecord, bool)>> {
+        let conn = self.conn();
+        let mut st = conn
+            .prepare_cached(&format!(
+                "SELECT {VOLUME_COLUMNS},
+                        EXISTS (SELECT 1 FROM publications p WHERE p.volume_id = v.id) AS published
+                 FROM volumes v WHERE seq >= ?1 AND state = 'ready' ORDER BY seq LIMIT ?2"
+            ))
+            .map_err(db_err)?;
+        let limit = limit.map_or(-1, i64::from);
+        let rows = st
+            .query_map(params![from, limit], |row| {
+                Ok((volume_from_row(row)?, row.get("published")?))
+            })
+            .map_err(db_err)?;
+        rows.collect::<rusqlite::Result<_>>().map_err(db_err)
+    }
+
+    /// The highest sequence number ever handed out (0 when none).
+    pub fn max_seq(&self) -> Result<i64> {
+        let conn = self.conn();
+        conn.prepare_cached(
+            "SELECT COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'volumes'), 0)",
+        )
+        .and_then(|mut st| st.query_row([], |r| r.get(0)))
+        .map_err(db_err)
+    }
+
+    /// Number of ready volumes.
+    pub fn count_volumes(&self) -> Result<u64> {
+        let conn = self.conn();
+        conn.prepare_cached("SELECT COUNT(*) FROM volumes")
+            .and_then(|mut st| st.query_row([], |r| r.get::<_, i64>(0)))
+            .map(|n| n as u64)
+            .map_err(db_err)
+    }
+
+    /// Publications of one volume.
+    pub fn publications_of(&self, id: &VolumeId) -> Result<Vec<Publication>> {
+        let conn = self.conn();
+        let mut st = conn
+            .prepare_cached(&format!(
+                "SELECT {PUBLICATION_COLUMNS} FROM publications WHERE volume_id = ?1 ORDER BY path"
+            ))
+            .map_err(db_err)?;
+        let rows = st
+            .query_map([id.as_str()], publication_from_row)
+            .map_err(db_err)?;
+        rows.collect::<rusqlite::Result<_>>().map_err(db_err)
+    }
+
+    /// Every publication (for reconciliation).
+    pub fn all_publications(&self) -> Result<Vec<Publication>> {
+        let conn = self.conn();
+        let mut st = conn
+            .prepare_cached(&format!(
+                "SELECT {PUBLICATION_COLUMNS} FROM publications ORDER BY path"
+            ))
+            .map_err(db_err)?;
+        let rows = st.query_map([], publication_from_row).map_err(db_err)?;
+        rows.collect::<rusqlite::Result<_>>().map_err(db_err)
+    }
+
+    /// The publication at `path`, if any.
+    pub fn publication_at(&self, path: &str) -> Result<Option<Publication>> {
+        let conn = self.conn();
+        conn.prepare_cached(&format!(
+            "SELECT {PUBLICATION_COLUMNS} FROM publications WHERE path = ?1"
+        ))
+        .and_then(|mut st| st.query_row([path], publication_from_row).optional())
+        .map_err(db_err)
+    }
+
+    /// Records (or replaces) a publication.
+    pub fn put_publication(&self, p: &Publication) -> Result<()> {
+        let conn = self.conn();
+        conn.prepare_cached(
+            "INSERT OR REPLACE INTO publications
+             (path, volume_id, kind, state, read_only, access_mode, flags, created_dir, staging_path)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        )
+        .and_then(|mut st| {
+            st.execute(params![
+                p.path,
+                p.volume_id.as_str(),
+                p.kind.as_str(),
+                p.state.as_str(),
+                p.read_only,
+                p.access_mode,
+                p.flags,
+                p.created_dir,
+                p.staging_path
+            ])
+        })
+        .map_err(db_err)?;
+        Ok(())
+    }
+
+    /// Forgets the publication at `path`.
+    pub fn remove_publication(&self, path: &str) -> Result<()> {
+        let conn = self.conn();
+        conn.prepare_cached("DELETE FROM publications WHERE path = ?1")
+            .and_then(|mut st| st.execute([path]))
+            .map_err(db_err)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn new<'a>(id: &'a VolumeId, name: &'a str) -> NewVolume<'a> {
+        NewVolume {
+            id,
+            name,
+            pool: "default",
+            capacity: 1 << 20,
+            block: false,
+            pvc_name: Some("data"),
+            pvc_namespace: None,
+            pv_name: None,
+        }
+    }
+
+    #[test]
+    fn volume_lifecycle() {
+        let store = Store::open_in_memory().unwrap();
+        let id = VolumeId::generate();
+        let rec = store.insert_volume(&new(&id, "a")).unwrap();
+        assert_eq!(rec.state, VolumeState::Creating);
+        assert_eq!(rec.pvc_name.as_deref(), Some("data"));
+        assert_eq!(store.unfinished_volumes().unwrap().len(), 1);
+        store.set_volume_state(&id, VolumeState::Ready).unwrap();
+        assert!(store.unfinished_volumes().unwrap().is_empty());
+        assert_eq!(store.volume_by_name("a").unwrap().unwrap().id, id);
+        assert_eq!(store.list_ready(0, None).unwrap().len(), 1);
+        store.remove_volume(&id).unwrap();
+        assert!(store.volume_by_id(&id).unwrap().is_none());
+        // Sequence numbers (and so project ids) are never reused.
+        let id2 = VolumeId::generate();
+        let rec2 = store.insert_volume(&new(&id2, "a")).unwrap();
+        assert!(rec2.seq > rec.seq);
+        assert_eq!(store.max_seq().unwrap(), rec2.seq);
+    }
+
+    #[test]
+    fn duplicate_names_are_refused_by_the_schema() {
+        let store = Store::open_in_memory().unwrap();
+        store
+            .insert_volume(&new(&VolumeId::generate(), "a"))
+            .unwrap();
+        assert!(store
+            .insert_volume(&new(&VolumeId::generate(), "a"))
+            .is_err());
+    }
+
+    #[test]
+    fn pagination_and_published_flag() {
+        let store = Store::open_in_memory().unwrap();
+        let mut ids = Vec::new();
+        for i in 0..5 {
+            let id = VolumeId::generate();
+            store.insert_volume(&new(&id, &format!("v{i}"))).unwrap();
+            store.set_volume_state(&id, VolumeState::Ready).unwrap();
+            ids.push(id);
+        }
+        store
+            .put_publication(&Publication {
+                path: "/t".into(),
+                volume_id: ids[1].clone(),
+                kind: PublicationKind::Publish,
+                state: PublicationState::Mounted,
+                read_only: false,
+                access_mode: 1,
+                flags: String::new(),
+                created_dir: true,
+                staging_path: None,
+            })
+            .unwrap();
+        let page = store.list_ready(0, Some(2)).unwrap();
+        assert_eq!(page.len(), 2);
+        assert!(!page[0].1);
+        assert!(page[1].1);
+        let rest = store.list_ready(page[1].0.seq + 1, None).unwrap();
+        assert_eq!(rest.len(), 3);
+        assert_eq!(store.publications_of(&ids[1]).unwrap().len(), 1);
+        store.remove_publication("/t").unwrap();
+        assert!(store.publication_at("/t").unwrap().is_none());
+    }
+
+    #[test]
+    fn state_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("meta.db");
+        let id = VolumeId::generate();
+        {
+            let store = Store::open(&path).unwrap();
+            store.insert_volume(&new(&id, "kept")).unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.volume_by_name("kept").unwrap().unwrap().id, id);
+    }
+}

@@ -1,0 +1,320 @@
+//! Test harness: starts the real `stowage` binary on a Unix socket in a temporary directory
+//! and talks to it with a real gRPC client. Everything a test creates (the process, its
+//! mounts, its files) is removed on drop, also when the test fails.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use stowage_csi::v1 as csi;
+use stowage_csi::v1::volume_capability::access_mode::Mode;
+use tonic::transport::Channel;
+
+pub const DRIVER: &str = "stowage.csi.dev";
+
+/// Whether this test can do what needs root (mounts); prints why not when it cannot.
+pub fn root_or_skip(test: &str) -> bool {
+    if rustix_is_root() {
+        true
+    } else {
+        eprintln!("SKIPPED (needs root for mounts): {test}");
+        false
+    }
+}
+
+fn rustix_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(2) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+/// A running driver and the directories it was given.
+pub struct Harness {
+    pub dir: tempfile::TempDir,
+    pub child: Option<Child>,
+    pub endpoint: String,
+    pub extra_args: Vec<String>,
+    pub log: PathBuf,
+}
+
+impl Harness {
+    /// Starts a driver with its defaults plus a temporary state dir, socket and kubelet dir.
+    pub async fn start(extra: &[&str]) -> Harness {
+        let dir = tempfile::Builder::new()
+            .prefix("stowage-it-")
+            .tempdir()
+            .expect("tempdir");
+        std::fs::create_dir_all(dir.path().join("kubelet")).unwrap();
+        let endpoint = format!("unix://{}", dir.path().join("csi.sock").display());
+        let mut h = Harness {
+            log: dir.path().join("driver.log"),
+            dir,
+            child: None,
+            endpoint,
+            extra_args: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        h.spawn().await;
+        h
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    pub fn kubelet(&self) -> PathBuf {
+        self.dir.path().join("kubelet")
+    }
+
+    pub fn pool_volumes(&self) -> PathBuf {
+        self.state_dir().join("pools/default/volumes")
+    }
+
+    /// Starts (or restarts) the process and waits until Probe says ready.
+    pub async fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_stowage"))
+            .arg("serve")
+            .arg("--endpoint")
+            .arg(&self.endpoint)
+            .arg("--state-dir")
+            .arg(self.state_dir())
+            .arg("--node-id")
+            .arg("node-a")
+            .arg("--kubelet-dir")
+            .arg(self.kubelet())
+            .args(&self.extra_args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn stowage");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!(
+                    "driver exited early with {status}; log:\n{}",
+                    self.log_text()
+                );
+            }
+            if let Ok(ch) = self.try_channel().await {
+                let probe = csi::identity_client::IdentityClient::new(ch)
+                    .probe(csi::ProbeRequest {})
+                    .await;
+                if let Ok(r) = probe {
+                    if r.into_inner().ready == Some(true) {
+                        return;
+                    }
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "driver not ready in 30 s; log:\n{}",
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn try_channel(&self) -> Result<Channel, String> {
+        let path = self.endpoint.trim_start_matches("unix://");
+        if !Path::new(path).exists() {
+            return Err("no socket yet".into());
+        }
+        let path = path.to_owned();
+        tonic::transport::Endpoint::try_from("http://[::1]:50051")
+            .map_err(|e| e.to_string())?
+            .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+                let path = path.clone();
+                async move {
+                    tokio::net::UnixStream::connect(path)
+                        .await
+                        .map(hyper_util::rt::TokioIo::new)
+                }
+            }))
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    pub async fn channel(&self) -> Channel {
+        self.try_channel().await.expect("connect")
+    }
+
+    pub async fn identity(&self) -> csi::identity_client::IdentityClient<Channel> {
+        csi::identity_client::IdentityClient::new(self.channel().await)
+    }
+
+    pub async fn controller(&self) -> csi::controller_client::ControllerClient<Channel> {
+        csi::controller_client::ControllerClient::new(self.channel().await)
+    }
+
+    pub async fn node(&self) -> csi::node_client::NodeClient<Channel> {
+        csi::node_client::NodeClient::new(self.channel().await)
+    }
+
+    /// SIGTERM, then wait for exit; returns the exit status.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("driver did not stop on SIGTERM within 20 s");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// SIGKILL: a crash.
+    pub fn crash(&mut self) {
+        let mut child = self.child.take().expect("running");
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// Mount points under `dir`, deepest first, from this process's mount table.
+pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+    let table = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut found: Vec<PathBuf> = table
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(unescape_mount_path)
+        .filter(|p| p.starts_with(dir))
+        .collect();
+    found.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    found
+}
+
+/// Options of the top mount at exactly `path` (per-mount options field).
+pub fn mount_options(path: &Path) -> Option<String> {
+    let table = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    table
+        .lines()
+        .rfind(|l| l.split(' ').nth(4).map(unescape_mount_path).as_deref() == Some(path))
+        .and_then(|l| l.split(' ').nth(5).map(str::to_owned))
+}
+
+pub fn mount_count(path: &Path) -> usize {
+    let table = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    table
+        .lines()
+        .filter(|l| l.split(' ').nth(4).map(unescape_mount_path).as_deref() == Some(path))
+        .count()
+}
+
+fn unescape_mount_path(s: &str) -> PathBuf {
+    let mut out = Vec::new();
+    let b = s.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() {
+            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 4], 8) {
+                out.push(v);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    PathBuf::from(String::from_utf8_lossy(&out).into_owned())
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        for m in mounts_under(self.dir.path()) {
+            let _ = Command::new("umount").arg("-l").arg(&m).status();
+        }
+        if std::thread::panicking() {
+            eprintln!("driver log:\n{}", self.log_text());
+        }
+    }
+}
+
+pub fn mount_cap(mode: Mode) -> csi::VolumeCapability {
+    mount_cap_flags(mode, &[])
+}
+
+pub fn mount_cap_flags(mode: Mode, flags: &[&str]) -> csi::VolumeCapability {
+    csi::VolumeCapability {
+        access_type: Some(csi::volume_capability::AccessType::Mount(
+            csi::volume_capability::MountVolume {
+                fs_type: String::new(),
+                mount_flags: flags.iter().map(|s| s.to_string()).collect(),
+                volume_mount_group: String::new(),
+            },
+        )),
+        access_mode: Some(csi::volume_capability::AccessMode { mode: mode as i32 }),
+    }
+}
+
+pub fn block_cap() -> csi::VolumeCapability {
+    csi::VolumeCapability {
+        access_type: Some(csi::volume_capability::AccessType::Block(
+            csi::volume_capability::BlockVolume {},
+        )),
+        access_mode: Some(csi::volume_capability::AccessMode {
+            mode: Mode::SingleNodeWriter as i32,
+        }),
+    }
+}
+
+pub fn create_req(name: &str, bytes: i64) -> csi::CreateVolumeRequest {
+    csi::CreateVolumeRequest {
+        name: name.to_owned(),
+        capacity_range: Some(csi::CapacityRange {
+            required_bytes: bytes,
+            limit_bytes: 0,
+        }),
+        volume_capabilities: vec![mount_cap(Mode::SingleNodeWriter)],
+        parameters: HashMap::new(),
+        secrets: HashMap::new(),
+        ..Default::default()
+    }
+}
+
+/// The gRPC code of a call's result.
+pub fn code<T>(r: Result<tonic::Response<T>, tonic::Status>) -> tonic::Code {
+    match r {
+        Ok(_) => tonic::Code::Ok,
+        Err(s) => {
+            assert!(!s.message().is_empty(), "an error without a message: {s:?}");
+            s.code()
+        }
+    }
+}
+
+/// Bounds a test body in time.
+pub async fn bounded<F: std::future::Future<Output = ()>>(f: F) {
+    tokio::time::timeout(Duration::from_secs(120), f)
+        .await
+        .expect("test took over 120 s");
+}

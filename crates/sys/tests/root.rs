@@ -1,0 +1,273 @@
+//! LinuxKernel against the real kernel: bind mounts from fds with their attributes, unmount,
+//! mount-crossing refusal of the tree walks, and the quota probe. Root only: each test prints
+//! `SKIPPED (needs root)` and returns otherwise. Every mount is undone by a guard on drop.
+
+mod common;
+
+use std::fs;
+use std::os::fd::AsFd;
+use std::os::unix::fs::symlink;
+use std::path::Path;
+
+use common::{mount_ext4, mount_tmpfs, mounts_at, path_fd, root_or_skip, MountGuard};
+use stowage_sys::fs::{
+    file_info, fs_space, fs_type_name, open_trusted_dir, remove_tree_at, resolve_beneath,
+    tree_usage,
+};
+use stowage_sys::{Errno, Kernel, LinuxKernel, MountAttrs, QuotaSupport};
+
+#[test]
+fn bind_mount_read_only_with_attrs() {
+    if !root_or_skip("bind_mount_read_only_with_attrs") {
+        return;
+    }
+    let src = tempfile::tempdir().expect("tempdir");
+    let dst = tempfile::tempdir().expect("tempdir");
+    let guard = MountGuard(dst.path().to_path_buf());
+    fs::write(src.path().join("hello"), b"hello").expect("write");
+    let attrs = MountAttrs {
+        read_only: true,
+        nosuid: true,
+        nodev: true,
+        noexec: true,
+        noatime: true,
+        ..MountAttrs::default()
+    };
+    let source = path_fd(src.path());
+    let target = path_fd(dst.path());
+    LinuxKernel
+        .bind_mount(source.as_fd(), target.as_fd(), attrs)
+        .expect("bind_mount");
+
+    assert_eq!(
+        fs::read(dst.path().join("hello")).expect("read through"),
+        b"hello"
+    );
+    let mounts = mounts_at(dst.path());
+    let top = mounts.last().expect("mounted");
+    for option in ["ro", "nosuid", "nodev", "noexec", "noatime"] {
+        assert!(top.has(option), "{option} missing: {top:?}");
+    }
+    let err = fs::write(dst.path().join("new"), b"x").expect_err("read-only");
+    assert_eq!(err.raw_os_error(), Some(Errno::ROFS.raw_os_error()));
+    // The source itself stays writable.
+    fs::write(src.path().join("new"), b"x").expect("source rw");
+    let mounted_root = open_trusted_dir(dst.path()).expect("open");
+    assert!(fs_space(mounted_root.as_fd()).expect("space").read_only);
+    assert!(file_info(mounted_root.as_fd()).expect("info").mount_root);
+    drop(mounted_root);
+
+    LinuxKernel.unmount(dst.path()).expect("unmount");
+    assert!(mounts_at(dst.path()).is_empty());
+    assert!(!dst.path().join("hello").exists());
+    let again = LinuxKernel.unmount(dst.path()).expect_err("not mounted");
+    assert_eq!(again.errno, Errno::INVAL);
+    drop(guard);
+}
+
+#[test]
+fn bind_mount_read_write_and_file() {
+    if !root_or_skip("bind_mount_read_write_and_file") {
+        return;
+    }
+    let src = tempfile::tempdir().expect("tempdir");
+    let dst = tempfile::tempdir().expect("tempdir");
+    fs::write(src.path().join("file"), b"content").expect("write");
+    fs::write(dst.path().join("file_target"), b"").expect("write");
+    let _dir_guard = MountGuard(dst.path().join("dir_target"));
+    let _file_guard = MountGuard(dst.path().join("file_target"));
+    fs::create_dir(dst.path().join("dir_target")).expect("mkdir");
+
+    let dst_root = open_trusted_dir(dst.path()).expect("open");
+    let source = path_fd(src.path());
+    let target = resolve_beneath(dst_root.as_fd(), Path::new("dir_target")).expect("resolve");
+    LinuxKernel
+        .bind_mount(
+            source.as_fd(),
+            target.as_fd(),
+            MountAttrs {
+                relatime: true,
+                ..MountAttrs::default()
+            },
+        )
+        .expect("bind dir");
+    fs::write(dst.path().join("dir_target/written"), b"w").expect("rw through");
+    assert_eq!(
+        fs::read(src.path().join("written")).expect("visible in source"),
+        b"w"
+    );
+    let top = mounts_at(&dst.path().join("dir_target"))
+        .pop()
+        .expect("mounted");
+    assert!(top.has("rw") && top.has("relatime"), "{top:?}");
+
+    // A single file, as for a block-volume-like file bind.
+    let src_file = resolve_beneath(
+        open_trusted_dir(src.path()).expect("open").as_fd(),
+        Path::new("file"),
+    )
+    .expect("resolve file");
+    let dst_file = resolve_beneath(dst_root.as_fd(), Path::new("file_target")).expect("resolve");
+    LinuxKernel
+        .bind_mount(
+            src_file.as_fd(),
+            dst_file.as_fd(),
+            MountAttrs {
+                read_only: true,
+                ..MountAttrs::default()
+            },
+        )
+        .expect("bind file");
+    assert_eq!(
+        fs::read(dst.path().join("file_target")).expect("read"),
+        b"content"
+    );
+
+    // UMOUNT_NOFOLLOW: a symlink to the mount point is not the mount point.
+    symlink(dst.path().join("dir_target"), dst.path().join("link")).expect("symlink");
+    let err = LinuxKernel
+        .unmount(&dst.path().join("link"))
+        .expect_err("symlink");
+    assert_eq!(err.errno, Errno::INVAL, "{err}");
+
+    LinuxKernel
+        .unmount(&dst.path().join("file_target"))
+        .expect("unmount file");
+    LinuxKernel
+        .unmount(&dst.path().join("dir_target"))
+        .expect("unmount dir");
+    assert!(mounts_at(&dst.path().join("dir_target")).is_empty());
+}
+
+#[test]
+fn remove_tree_at_stops_at_a_bind_mount() {
+    if !root_or_skip("remove_tree_at_stops_at_a_bind_mount") {
+        return;
+    }
+    let base = tempfile::tempdir().expect("tempdir");
+    let src = tempfile::tempdir().expect("tempdir");
+    let mount_point = base.path().join("tree/a/m");
+    fs::create_dir_all(&mount_point).expect("mkdir");
+    let _guard = MountGuard(mount_point.clone());
+    fs::write(base.path().join("tree/a/f"), b"f").expect("write");
+    fs::write(src.path().join("keep"), vec![3u8; 1 << 20]).expect("write");
+
+    let source = path_fd(src.path());
+    let target = path_fd(&mount_point);
+    LinuxKernel
+        .bind_mount(source.as_fd(), target.as_fd(), MountAttrs::default())
+        .expect("bind");
+    drop(target);
+
+    // The same filesystem, so only the mount id and mount-root attribute tell it apart.
+    let tree = open_trusted_dir(&base.path().join("tree")).expect("open");
+    let usage = tree_usage(tree.as_fd()).expect("usage");
+    assert!(
+        usage.bytes < 1 << 20,
+        "counted the mount's content: {usage:?}"
+    );
+
+    let base_fd = open_trusted_dir(base.path()).expect("open");
+    let err = remove_tree_at(base_fd.as_fd(), "tree").expect_err("must refuse");
+    assert_eq!(err.errno, Errno::BUSY, "{err}");
+    assert_eq!(
+        fs::read(src.path().join("keep"))
+            .expect("source intact")
+            .len(),
+        1 << 20
+    );
+    assert!(mount_point.join("keep").exists(), "mount still in place");
+    assert!(!mounts_at(&mount_point).is_empty());
+}
+
+#[test]
+fn remove_tree_at_stops_at_another_filesystem() {
+    if !root_or_skip("remove_tree_at_stops_at_another_filesystem") {
+        return;
+    }
+    let base = tempfile::tempdir().expect("tempdir");
+    let mount_point = base.path().join("tree/tmp");
+    fs::create_dir_all(&mount_point).expect("mkdir");
+    let _guard = mount_tmpfs(&mount_point);
+    fs::write(mount_point.join("keep"), b"keep").expect("write");
+    // A device node and a directory nobody may enter, beside it.
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        base.path().join("tree/null"),
+        rustix::fs::FileType::CharacterDevice,
+        rustix::fs::Mode::from_raw_mode(0o600),
+        rustix::fs::makedev(1, 3),
+    )
+    .expect("mknod");
+
+    let base_fd = open_trusted_dir(base.path()).expect("open");
+    let err = remove_tree_at(base_fd.as_fd(), "tree").expect_err("must refuse");
+    assert_eq!(err.errno, Errno::BUSY, "{err}");
+    assert_eq!(fs::read(mount_point.join("keep")).expect("intact"), b"keep");
+
+    // The mount point itself as the name to remove.
+    let tree_fd = open_trusted_dir(&base.path().join("tree")).expect("open");
+    let err = remove_tree_at(tree_fd.as_fd(), "tmp").expect_err("must refuse");
+    assert_eq!(err.errno, Errno::BUSY);
+    assert!(mount_point.join("keep").exists());
+}
+
+#[test]
+fn quota_support_is_unavailable_on_tmpfs_and_root_fs() {
+    if !root_or_skip("quota_support_is_unavailable_on_tmpfs_and_root_fs") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let _guard = mount_tmpfs(dir.path());
+    let tmpfs = path_fd(dir.path());
+    assert_eq!(fs_type_name(tmpfs.as_fd()).expect("fs type"), "tmpfs");
+    match LinuxKernel.quota_support(tmpfs.as_fd()) {
+        QuotaSupport::Unavailable(why) => assert!(why.contains("ENOSYS"), "{why}"),
+        QuotaSupport::Enforced => panic!("tmpfs without quota options cannot enforce"),
+    }
+    let err = LinuxKernel
+        .set_project_limit(tmpfs.as_fd(), 42, 1 << 20)
+        .expect_err("no quota");
+    assert!(err.to_string().contains("Q_SETQUOTA"), "{err}");
+
+    // Whatever the root filesystem is, this kernel (no QFMT_V2, no XFS_QUOTA) cannot enforce.
+    let root = open_trusted_dir(Path::new("/")).expect("open /");
+    let support = LinuxKernel.quota_support(root.as_fd());
+    eprintln!("quota_support(/) = {support:?}");
+    assert!(matches!(support, QuotaSupport::Unavailable(_)));
+}
+
+#[test]
+fn ext4_without_project_quota() {
+    if !root_or_skip("ext4_without_project_quota") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let Some((mnt, _guard)) = mount_ext4(dir.path(), "ext4_without_project_quota") else {
+        return;
+    };
+    fs::create_dir(mnt.join("vol")).expect("mkdir");
+    let fs_fd = path_fd(&mnt);
+    assert_eq!(fs_type_name(fs_fd.as_fd()).expect("fs type"), "ext4");
+    match LinuxKernel.quota_support(fs_fd.as_fd()) {
+        QuotaSupport::Unavailable(why) => assert!(why.contains("ESRCH"), "{why}"),
+        QuotaSupport::Enforced => panic!("ext4 without prjquota cannot enforce"),
+    }
+    let err = LinuxKernel
+        .project_usage(fs_fd.as_fd(), 42)
+        .expect_err("no quota");
+    eprintln!("project_usage on plain ext4: {err}");
+    LinuxKernel
+        .set_project_limit(fs_fd.as_fd(), 42, 1 << 20)
+        .expect_err("no quota");
+
+    // The fsxattr ioctls work on ext4 even without the project feature: the id reads 0, and
+    // only the default project can be set. Through an O_PATH fd, as the driver holds them.
+    let vol = path_fd(&mnt.join("vol"));
+    assert_eq!(LinuxKernel.project_id(vol.as_fd()).expect("project_id"), 0);
+    let err = LinuxKernel
+        .set_project_id(vol.as_fd(), 42)
+        .expect_err("no project feature");
+    assert_eq!(err.errno, Errno::NOTSUP, "{err}");
+    assert_eq!(LinuxKernel.project_id(vol.as_fd()).expect("project_id"), 0);
+}
