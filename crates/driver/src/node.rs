@@ -7,7 +7,7 @@
 //! the mount root at the path is the volume's own directory (same device and inode).
 
 use std::os::fd::{AsFd, OwnedFd};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use stowage_core::ids::{not_found, VolumeRef};
@@ -294,12 +294,11 @@ impl Engine {
         for _ in 0..MAX_STACKED_MOUNTS {
             match self.leaf(field, at)? {
                 Leaf::MountRoot { fd, id } if Some(id) == volume => {
-                    // Unmount through the resolved fd: no path string is looked up again.
-                    let proc_path = PathBuf::from(format!(
-                        "/proc/self/fd/{}",
-                        std::os::fd::AsRawFd::as_raw_fd(&fd)
-                    ));
-                    match self.kernel.unmount(&proc_path) {
+                    // The fd pins the mount (an unmount would be EBUSY while it is open):
+                    // close it, then unmount by the path just checked, never following a
+                    // final symlink. Only root on the host can change the path in between.
+                    drop(fd);
+                    match self.kernel.unmount(at.path.as_path()) {
                         Ok(()) => {}
                         Err(e) if e.errno == Errno::INVAL => break,
                         Err(e) => {
@@ -396,7 +395,6 @@ impl Engine {
     pub fn node_unstage(&self, req: NodeUnstage) -> Result<()> {
         let id = self.known_volume(&req.volume)?;
         let _guard = self.claim(&id)?;
-        let at = self.locate("staging_target_path", &req.staging)?;
         let record = self
             .store
             .publication_at(req.staging.as_str())?
@@ -414,6 +412,11 @@ impl Engine {
                 users.join(", ")
             )));
         }
+        let Some(at) =
+            self.locate_existing("staging_target_path", &req.staging, record.as_ref())?
+        else {
+            return Ok(());
+        };
         let inode = self.volume_inode_if_present(&id)?;
         self.unmount_recorded("staging_target_path", &at, inode, record.as_ref())
     }
@@ -517,13 +520,35 @@ impl Engine {
     pub fn node_unpublish(&self, req: NodeUnpublish) -> Result<()> {
         let id = self.known_volume(&req.volume)?;
         let _guard = self.claim(&id)?;
-        let at = self.locate("target_path", &req.target)?;
         let record = self
             .store
             .publication_at(req.target.as_str())?
             .filter(|p| p.volume_id == id && p.kind == PublicationKind::Publish);
+        let Some(at) = self.locate_existing("target_path", &req.target, record.as_ref())? else {
+            return Ok(());
+        };
         let inode = self.volume_inode_if_present(&id)?;
         self.unmount_recorded("target_path", &at, inode, record.as_ref())
+    }
+
+    /// Locates a path to unmount: when its parent directory is gone nothing can be mounted
+    /// there, so the record (if any) is dropped and `None` says there is nothing to do.
+    fn locate_existing(
+        &self,
+        field: &str,
+        path: &HostPath,
+        record: Option<&Publication>,
+    ) -> Result<Option<Located>> {
+        match self.locate(field, path) {
+            Ok(at) => Ok(Some(at)),
+            Err(Error::NotFound(_)) => {
+                if let Some(r) = record {
+                    self.store.remove_publication(&r.path)?;
+                }
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// A volume id the store knows (in any state), or NOT_FOUND.

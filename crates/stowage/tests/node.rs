@@ -1,0 +1,757 @@
+//! The Node service over the real socket with real mounts: lifecycle, the spec's error codes,
+//! repeated calls, read-only publish, restarts, and the hostile-content cases (the 2018
+//! subPath attack, symlinked targets, symlinks to big host files).
+
+mod common;
+
+use std::collections::HashMap;
+use std::os::unix::fs::symlink;
+use std::path::{Path, PathBuf};
+
+use common::*;
+use stowage_csi::v1 as csi;
+use stowage_csi::v1::volume_capability::access_mode::Mode;
+use tonic::transport::Channel;
+use tonic::Code;
+
+struct Vol {
+    id: String,
+    staging: PathBuf,
+    target: PathBuf,
+}
+
+async fn new_volume(h: &Harness, name: &str) -> Vol {
+    let mut c = h.controller().await;
+    let v = c
+        .create_volume(create_req(name, 64 << 20))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    let pod = h
+        .kubelet()
+        .join("pods")
+        .join(format!("uid-{name}"))
+        .join("volumes");
+    std::fs::create_dir_all(&pod).unwrap();
+    let plugin = h
+        .kubelet()
+        .join("plugins/kubernetes.io/csi/stowage.csi.dev")
+        .join(name);
+    std::fs::create_dir_all(&plugin).unwrap();
+    Vol {
+        id: v.volume_id,
+        staging: plugin.join("globalmount"),
+        target: pod.join("mount"),
+    }
+}
+
+fn stage_req(v: &Vol, cap: csi::VolumeCapability) -> csi::NodeStageVolumeRequest {
+    csi::NodeStageVolumeRequest {
+        volume_id: v.id.clone(),
+        staging_target_path: v.staging.display().to_string(),
+        volume_capability: Some(cap),
+        ..Default::default()
+    }
+}
+
+fn publish_req(
+    v: &Vol,
+    cap: csi::VolumeCapability,
+    readonly: bool,
+) -> csi::NodePublishVolumeRequest {
+    csi::NodePublishVolumeRequest {
+        volume_id: v.id.clone(),
+        staging_target_path: v.staging.display().to_string(),
+        target_path: v.target.display().to_string(),
+        volume_capability: Some(cap),
+        readonly,
+        ..Default::default()
+    }
+}
+
+fn unpublish_req(v: &Vol) -> csi::NodeUnpublishVolumeRequest {
+    csi::NodeUnpublishVolumeRequest {
+        volume_id: v.id.clone(),
+        target_path: v.target.display().to_string(),
+    }
+}
+
+fn unstage_req(v: &Vol) -> csi::NodeUnstageVolumeRequest {
+    csi::NodeUnstageVolumeRequest {
+        volume_id: v.id.clone(),
+        staging_target_path: v.staging.display().to_string(),
+    }
+}
+
+fn stats_req(v: &Vol, path: &Path) -> csi::NodeGetVolumeStatsRequest {
+    csi::NodeGetVolumeStatsRequest {
+        volume_id: v.id.clone(),
+        volume_path: path.display().to_string(),
+        staging_target_path: String::new(),
+    }
+}
+
+async fn stage_and_publish(n: &mut csi::node_client::NodeClient<Channel>, v: &Vol) {
+    n.node_stage_volume(stage_req(v, mount_cap(Mode::SingleNodeWriter)))
+        .await
+        .unwrap();
+    n.node_publish_volume(publish_req(v, mount_cap(Mode::SingleNodeWriter), false))
+        .await
+        .unwrap();
+}
+
+fn usage(r: &csi::NodeGetVolumeStatsResponse, unit: csi::volume_usage::Unit) -> csi::VolumeUsage {
+    r.usage
+        .iter()
+        .find(|u| u.unit == unit as i32)
+        .cloned()
+        .expect("usage unit")
+}
+
+#[tokio::test]
+async fn lifecycle_is_idempotent_and_leaves_nothing_behind() {
+    if !root_or_skip("lifecycle_is_idempotent_and_leaves_nothing_behind") {
+        return;
+    }
+    bounded(async {
+        let h = Harness::start(&[]).await;
+        let mut n = h.node().await;
+        let v = new_volume(&h, "life").await;
+        for _ in 0..2 {
+            n.node_stage_volume(stage_req(&v, mount_cap(Mode::SingleNodeWriter)))
+                .await
+                .unwrap();
+        }
+        assert_eq!(mount_count(&v.staging), 1);
+        for _ in 0..2 {
+            n.node_publish_volume(publish_req(&v, mount_cap(Mode::SingleNodeWriter), false))
+                .await
+                .unwrap();
+        }
+        assert_eq!(
+            mount_count(&v.target),
+            1,
+            "repeated publish stacked a mount"
+        );
+        let opts = mount_options(&v.target).unwrap();
+        assert!(
+            opts.contains("nosuid") && opts.contains("nodev") && opts.starts_with("rw"),
+            "{opts}"
+        );
+        std::fs::write(v.target.join("hello"), b"from the pod").unwrap();
+        assert_eq!(
+            std::fs::read(h.pool_volumes().join(&v.id).join("hello")).unwrap(),
+            b"from the pod"
+        );
+
+        // The controller sees the publication, and refuses to delete the volume.
+        let mut c = h.controller().await;
+        let got = c
+            .controller_get_volume(csi::ControllerGetVolumeRequest {
+                volume_id: v.id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            got.status.unwrap().published_node_ids,
+            vec!["node-a".to_string()]
+        );
+        let del = csi::DeleteVolumeRequest {
+            volume_id: v.id.clone(),
+            secrets: HashMap::new(),
+        };
+        assert_eq!(
+            code(c.delete_volume(del.clone()).await),
+            Code::FailedPrecondition
+        );
+        assert_eq!(
+            std::fs::read(v.target.join("hello")).unwrap(),
+            b"from the pod"
+        );
+        // Unstaging under a live publication is refused too.
+        assert_eq!(
+            code(n.node_unstage_volume(unstage_req(&v)).await),
+            Code::FailedPrecondition
+        );
+
+        let stats = n
+            .node_get_volume_stats(stats_req(&v, &v.target))
+            .await
+            .unwrap()
+            .into_inner();
+        let bytes = usage(&stats, csi::volume_usage::Unit::Bytes);
+        assert_eq!(bytes.total, 64 << 20);
+        assert!(bytes.used > 0 && bytes.used < 1 << 20, "{bytes:?}");
+        assert!(!stats.volume_condition.as_ref().unwrap().abnormal);
+        let inodes = usage(&stats, csi::volume_usage::Unit::Inodes);
+        assert!(inodes.used >= 2, "{inodes:?}");
+        n.node_get_volume_stats(stats_req(&v, &v.staging))
+            .await
+            .unwrap();
+
+        for _ in 0..2 {
+            n.node_unpublish_volume(unpublish_req(&v)).await.unwrap();
+        }
+        assert_eq!(mount_count(&v.target), 0);
+        assert!(
+            !v.target.exists(),
+            "the target directory the driver made was left behind"
+        );
+        for _ in 0..2 {
+            n.node_unstage_volume(unstage_req(&v)).await.unwrap();
+        }
+        assert_eq!(mount_count(&v.staging), 0);
+        assert!(!v.staging.exists());
+        // The data stays with the volume until it is deleted.
+        assert!(h.pool_volumes().join(&v.id).join("hello").exists());
+        c.delete_volume(del).await.unwrap();
+        assert!(mounts_under(h.dir.path()).is_empty());
+    })
+    .await
+}
+
+#[tokio::test]
+async fn node_error_codes() {
+    if !root_or_skip("node_error_codes") {
+        return;
+    }
+    bounded(async {
+        let h = Harness::start(&[]).await;
+        let mut n = h.node().await;
+        let v = new_volume(&h, "errs").await;
+        let cap = || mount_cap(Mode::SingleNodeWriter);
+
+        // Stage.
+        let mut r = stage_req(&v, cap());
+        r.volume_id.clear();
+        assert_eq!(code(n.node_stage_volume(r).await), Code::InvalidArgument);
+        let mut r = stage_req(&v, cap());
+        r.staging_target_path.clear();
+        assert_eq!(code(n.node_stage_volume(r).await), Code::InvalidArgument);
+        let mut r = stage_req(&v, cap());
+        r.volume_capability = None;
+        assert_eq!(code(n.node_stage_volume(r).await), Code::InvalidArgument);
+        let mut r = stage_req(&v, cap());
+        r.volume_id = "stw-00000000000000000000000000000000".into();
+        assert_eq!(code(n.node_stage_volume(r).await), Code::NotFound);
+        let mut r = stage_req(&v, block_cap());
+        r.staging_target_path = v.staging.display().to_string();
+        assert_eq!(code(n.node_stage_volume(r).await), Code::InvalidArgument);
+        let mut r = stage_req(&v, cap());
+        r.staging_target_path = h.dir.path().join("elsewhere").display().to_string();
+        assert_eq!(
+            code(n.node_stage_volume(r).await),
+            Code::InvalidArgument,
+            "outside the kubelet dir"
+        );
+        let mut r = stage_req(&v, cap());
+        r.staging_target_path = format!("{}/../../escape", v.staging.display());
+        assert_eq!(
+            code(n.node_stage_volume(r).await),
+            Code::InvalidArgument,
+            ".."
+        );
+        let mut r = stage_req(&v, cap());
+        r.staging_target_path = "relative/path".into();
+        assert_eq!(code(n.node_stage_volume(r).await), Code::InvalidArgument);
+
+        // Publish before stage.
+        assert_eq!(
+            code(n.node_publish_volume(publish_req(&v, cap(), false)).await),
+            Code::FailedPrecondition
+        );
+        n.node_stage_volume(stage_req(&v, cap())).await.unwrap();
+        // Staged again with another capability: ALREADY_EXISTS.
+        assert_eq!(
+            code(
+                n.node_stage_volume(stage_req(
+                    &v,
+                    mount_cap_flags(Mode::SingleNodeWriter, &["noexec"])
+                ))
+                .await
+            ),
+            Code::AlreadyExists
+        );
+        let mut r = publish_req(&v, cap(), false);
+        r.target_path.clear();
+        assert_eq!(code(n.node_publish_volume(r).await), Code::InvalidArgument);
+        let mut r = publish_req(&v, cap(), false);
+        r.volume_capability = None;
+        assert_eq!(code(n.node_publish_volume(r).await), Code::InvalidArgument);
+        let mut r = publish_req(&v, cap(), false);
+        r.volume_id = "stw-00000000000000000000000000000000".into();
+        assert_eq!(code(n.node_publish_volume(r).await), Code::NotFound);
+        let r = publish_req(
+            &v,
+            mount_cap_flags(Mode::SingleNodeWriter, &["suid"]),
+            false,
+        );
+        assert_eq!(
+            code(n.node_publish_volume(r).await),
+            Code::InvalidArgument,
+            "flag off the allow-list"
+        );
+        let r = publish_req(&v, mount_cap(Mode::MultiNodeMultiWriter), false);
+        assert_eq!(code(n.node_publish_volume(r).await), Code::InvalidArgument);
+
+        n.node_publish_volume(publish_req(&v, cap(), false))
+            .await
+            .unwrap();
+        // Same target, different arguments.
+        assert_eq!(
+            code(n.node_publish_volume(publish_req(&v, cap(), true)).await),
+            Code::AlreadyExists
+        );
+        assert_eq!(mount_count(&v.target), 1);
+
+        // SINGLE_NODE_SINGLE_WRITER at a second target.
+        let w = new_volume(&h, "ssw").await;
+        let ssw = || mount_cap(Mode::SingleNodeSingleWriter);
+        n.node_stage_volume(stage_req(&w, ssw())).await.unwrap();
+        n.node_publish_volume(publish_req(&w, ssw(), false))
+            .await
+            .unwrap();
+        let mut second = publish_req(&w, ssw(), false);
+        let second_target = w.target.parent().unwrap().join("second");
+        second.target_path = second_target.display().to_string();
+        assert_eq!(
+            code(n.node_publish_volume(second).await),
+            Code::FailedPrecondition
+        );
+        assert!(!second_target.exists());
+        // SINGLE_NODE_MULTI_WRITER may be published twice.
+        let m = new_volume(&h, "snmw").await;
+        let snmw = || mount_cap(Mode::SingleNodeMultiWriter);
+        n.node_stage_volume(stage_req(&m, snmw())).await.unwrap();
+        n.node_publish_volume(publish_req(&m, snmw(), false))
+            .await
+            .unwrap();
+        let mut again = publish_req(&m, snmw(), false);
+        again.target_path = m
+            .target
+            .parent()
+            .unwrap()
+            .join("second")
+            .display()
+            .to_string();
+        n.node_publish_volume(again.clone()).await.unwrap();
+        n.node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
+            volume_id: m.id.clone(),
+            target_path: again.target_path.clone(),
+        })
+        .await
+        .unwrap();
+
+        // Unpublish / unstage of what is not there: OK. Missing fields: INVALID_ARGUMENT.
+        let nowhere = csi::NodeUnpublishVolumeRequest {
+            volume_id: v.id.clone(),
+            target_path: h.kubelet().join("pods/none/mount").display().to_string(),
+        };
+        assert_eq!(code(n.node_unpublish_volume(nowhere).await), Code::Ok);
+        let mut r = unpublish_req(&v);
+        r.target_path.clear();
+        assert_eq!(
+            code(n.node_unpublish_volume(r).await),
+            Code::InvalidArgument
+        );
+        let mut r = unpublish_req(&v);
+        r.volume_id.clear();
+        assert_eq!(
+            code(n.node_unpublish_volume(r).await),
+            Code::InvalidArgument
+        );
+        let mut r = unpublish_req(&v);
+        r.volume_id = "stw-00000000000000000000000000000000".into();
+        assert_eq!(code(n.node_unpublish_volume(r).await), Code::NotFound);
+        let mut r = unstage_req(&v);
+        r.staging_target_path = h.kubelet().join("plugins/none").display().to_string();
+        assert_eq!(code(n.node_unstage_volume(r).await), Code::Ok);
+
+        // Stats.
+        assert_eq!(
+            code(
+                n.node_get_volume_stats(stats_req(&v, &h.kubelet().join("pods")))
+                    .await
+            ),
+            Code::NotFound
+        );
+        let mut r = stats_req(&v, &v.target);
+        r.volume_id = "stw-00000000000000000000000000000000".into();
+        assert_eq!(code(n.node_get_volume_stats(r).await), Code::NotFound);
+        let mut r = stats_req(&v, &v.target);
+        r.volume_path.clear();
+        assert_eq!(
+            code(n.node_get_volume_stats(r).await),
+            Code::InvalidArgument
+        );
+        assert_eq!(
+            code(
+                n.node_expand_volume(csi::NodeExpandVolumeRequest::default())
+                    .await
+            ),
+            Code::Unimplemented
+        );
+
+        // Mounts made here are exactly the expected ones: nothing else got mounted.
+        let mut expected = vec![
+            v.staging.clone(),
+            v.target.clone(),
+            w.staging.clone(),
+            w.target.clone(),
+            m.staging.clone(),
+            m.target.clone(),
+        ];
+        expected.sort();
+        let mut got = mounts_under(h.dir.path());
+        got.sort();
+        assert_eq!(got, expected);
+    })
+    .await
+}
+
+#[tokio::test]
+async fn read_only_publish_refuses_writes() {
+    if !root_or_skip("read_only_publish_refuses_writes") {
+        return;
+    }
+    bounded(async {
+        let h = Harness::start(&[]).await;
+        let mut n = h.node().await;
+        for (name, mode, readonly) in [
+            ("ro-flag", Mode::SingleNodeWriter, true),
+            ("ro-mode", Mode::SingleNodeReaderOnly, false),
+        ] {
+            let v = new_volume(&h, name).await;
+            n.node_stage_volume(stage_req(&v, mount_cap(mode)))
+                .await
+                .unwrap();
+            n.node_publish_volume(publish_req(&v, mount_cap(mode), readonly))
+                .await
+                .unwrap();
+            let opts = mount_options(&v.target).unwrap();
+            assert!(opts.split(',').any(|o| o == "ro"), "{name}: {opts}");
+            let err = std::fs::write(v.target.join("x"), b"no").unwrap_err();
+            assert_eq!(
+                err.raw_os_error(),
+                Some(30),
+                "{name}: expected EROFS, got {err}"
+            );
+            // The staging mount stays writable for the driver.
+            std::fs::write(v.staging.join("ok"), b"yes").unwrap();
+            let stats = n
+                .node_get_volume_stats(stats_req(&v, &v.target))
+                .await
+                .unwrap()
+                .into_inner();
+            assert!(
+                !stats.volume_condition.unwrap().abnormal,
+                "{name}: read-only by request is not abnormal"
+            );
+        }
+        // ro in the capability's mount flags, and noexec.
+        let v = new_volume(&h, "ro-flags").await;
+        let cap = mount_cap_flags(Mode::SingleNodeWriter, &["ro", "noexec"]);
+        n.node_stage_volume(stage_req(&v, cap.clone()))
+            .await
+            .unwrap();
+        n.node_publish_volume(publish_req(&v, cap, false))
+            .await
+            .unwrap();
+        let opts = mount_options(&v.target).unwrap();
+        assert!(
+            opts.split(',').any(|o| o == "ro") && opts.contains("noexec"),
+            "{opts}"
+        );
+    })
+    .await
+}
+
+#[tokio::test]
+async fn restart_keeps_published_volumes_untouched() {
+    if !root_or_skip("restart_keeps_published_volumes_untouched") {
+        return;
+    }
+    bounded(async {
+        let mut h = Harness::start(&[]).await;
+        let mut n = h.node().await;
+        let v = new_volume(&h, "restart").await;
+        stage_and_publish(&mut n, &v).await;
+        std::fs::write(v.target.join("db"), b"rows").unwrap();
+        assert!(h.stop().success());
+        // The pod's view is untouched while the driver is down.
+        assert_eq!(std::fs::read(v.target.join("db")).unwrap(), b"rows");
+        std::fs::write(v.target.join("db2"), b"more").unwrap();
+        h.spawn().await;
+        let mut n = h.node().await;
+        n.node_stage_volume(stage_req(&v, mount_cap(Mode::SingleNodeWriter)))
+            .await
+            .unwrap();
+        n.node_publish_volume(publish_req(&v, mount_cap(Mode::SingleNodeWriter), false))
+            .await
+            .unwrap();
+        assert_eq!(
+            mount_count(&v.target),
+            1,
+            "a repeated publish after restart stacked a mount"
+        );
+        assert_eq!(mount_count(&v.staging), 1);
+        n.node_unpublish_volume(unpublish_req(&v)).await.unwrap();
+        n.node_unstage_volume(unstage_req(&v)).await.unwrap();
+        assert!(mounts_under(h.dir.path()).is_empty());
+        assert_eq!(
+            std::fs::read(h.pool_volumes().join(&v.id).join("db2")).unwrap(),
+            b"more"
+        );
+
+        // After a crash, and mounts gone (as after a reboot), stale records are cleaned: the
+        // volume can be deleted without an unpublish.
+        let w = new_volume(&h, "reboot").await;
+        let mut n = h.node().await;
+        stage_and_publish(&mut n, &w).await;
+        h.crash();
+        for m in mounts_under(h.dir.path()) {
+            assert!(std::process::Command::new("umount")
+                .arg(&m)
+                .status()
+                .unwrap()
+                .success());
+        }
+        h.spawn().await;
+        let mut c = h.controller().await;
+        c.delete_volume(csi::DeleteVolumeRequest {
+            volume_id: w.id.clone(),
+            secrets: HashMap::new(),
+        })
+        .await
+        .unwrap();
+        assert!(
+            !w.target.exists(),
+            "the driver-made target directory survived reconciliation"
+        );
+    })
+    .await
+}
+
+#[tokio::test]
+async fn symlinked_paths_are_refused_and_nothing_is_mounted() {
+    if !root_or_skip("symlinked_paths_are_refused_and_nothing_is_mounted") {
+        return;
+    }
+    bounded(async {
+        let h = Harness::start(&[]).await;
+        let mut n = h.node().await;
+        let v = new_volume(&h, "links").await;
+        let victim = h.dir.path().join("victim");
+        std::fs::create_dir_all(&victim).unwrap();
+
+        // A staging path that is a symlink.
+        symlink(&victim, &v.staging).unwrap();
+        assert_eq!(
+            code(
+                n.node_stage_volume(stage_req(&v, mount_cap(Mode::SingleNodeWriter)))
+                    .await
+            ),
+            Code::InvalidArgument
+        );
+        std::fs::remove_file(&v.staging).unwrap();
+        n.node_stage_volume(stage_req(&v, mount_cap(Mode::SingleNodeWriter)))
+            .await
+            .unwrap();
+
+        // A pre-created symlink at target_path.
+        symlink(&victim, &v.target).unwrap();
+        assert_eq!(
+            code(
+                n.node_publish_volume(publish_req(&v, mount_cap(Mode::SingleNodeWriter), false))
+                    .await
+            ),
+            Code::InvalidArgument
+        );
+        // A target whose parent passes through a symlink.
+        let linked_parent = h.kubelet().join("pods/linked");
+        symlink(&victim, &linked_parent).unwrap();
+        let mut r = publish_req(&v, mount_cap(Mode::SingleNodeWriter), false);
+        r.target_path = linked_parent.join("mount").display().to_string();
+        assert_eq!(code(n.node_publish_volume(r).await), Code::InvalidArgument);
+        // Unpublish through a symlink never unmounts what it points at.
+        assert_eq!(
+            code(n.node_unpublish_volume(unpublish_req(&v)).await),
+            Code::InvalidArgument
+        );
+
+        assert_eq!(mounts_under(h.dir.path()), vec![v.staging.clone()]);
+        assert_eq!(
+            std::fs::read_dir(&victim).unwrap().count(),
+            0,
+            "something reached the symlink's target"
+        );
+    })
+    .await
+}
+
+#[tokio::test]
+async fn the_seed_attack_never_exposes_the_host() {
+    if !root_or_skip("the_seed_attack_never_exposes_the_host") {
+        return;
+    }
+    bounded(async {
+        let h = Harness::start(&[]).await;
+        let mut n = h.node().await;
+        let v = new_volume(&h, "seed").await;
+        stage_and_publish(&mut n, &v).await;
+        // The pod plants a door to the host root and a door to a big host file.
+        symlink("/", v.target.join("symlink-door")).unwrap();
+        let big = h.dir.path().join("big-host-file");
+        let f = std::fs::File::create(&big).unwrap();
+        f.set_len(256 << 20).unwrap();
+        use std::io::Write;
+        (&f).write_all(&vec![1u8; 4 << 20]).unwrap();
+        f.sync_all().unwrap();
+        for i in 0..50 {
+            symlink(&big, v.target.join(format!("link-{i}"))).unwrap();
+        }
+        std::fs::create_dir(v.target.join("sub")).unwrap();
+        symlink("../../../../../../../../..", v.target.join("sub/up")).unwrap();
+        std::fs::write(v.target.join("sub/real"), vec![7u8; 2 << 20]).unwrap();
+
+        // Every Node call, repeated.
+        for _ in 0..2 {
+            n.node_stage_volume(stage_req(&v, mount_cap(Mode::SingleNodeWriter)))
+                .await
+                .unwrap();
+            n.node_publish_volume(publish_req(&v, mount_cap(Mode::SingleNodeWriter), false))
+                .await
+                .unwrap();
+            let stats = n
+                .node_get_volume_stats(stats_req(&v, &v.target))
+                .await
+                .unwrap()
+                .into_inner();
+            let bytes = usage(&stats, csi::volume_usage::Unit::Bytes);
+            assert!(
+                bytes.used >= 2 << 20,
+                "the real file was not counted: {bytes:?}"
+            );
+            assert!(
+                bytes.used < 3 << 20,
+                "symlinked host files were counted: {bytes:?}"
+            );
+            n.node_get_info(csi::NodeGetInfoRequest {}).await.unwrap();
+        }
+        // Only the volume is mounted, and only where asked.
+        let mut got = mounts_under(h.dir.path());
+        got.sort();
+        let mut want = vec![v.staging.clone(), v.target.clone()];
+        want.sort();
+        assert_eq!(got, want);
+        assert_eq!(
+            mounts_under(Path::new("/"))
+                .iter()
+                .filter(|m| m.starts_with(h.dir.path()))
+                .count(),
+            2
+        );
+        n.node_unpublish_volume(unpublish_req(&v)).await.unwrap();
+        n.node_unstage_volume(unstage_req(&v)).await.unwrap();
+        let mut c = h.controller().await;
+        c.delete_volume(csi::DeleteVolumeRequest {
+            volume_id: v.id.clone(),
+            secrets: HashMap::new(),
+        })
+        .await
+        .unwrap();
+        assert_eq!(
+            std::fs::metadata(&big).unwrap().len(),
+            256 << 20,
+            "the host file was touched"
+        );
+        assert!(Path::new("/etc/passwd").exists());
+        assert!(mounts_under(h.dir.path()).is_empty());
+    })
+    .await
+}
+
+#[tokio::test]
+async fn stats_report_abnormal_conditions() {
+    if !root_or_skip("stats_report_abnormal_conditions") {
+        return;
+    }
+    bounded(async {
+        let h = Harness::start(&[]).await;
+        let mut n = h.node().await;
+        let v = new_volume(&h, "cond").await;
+        stage_and_publish(&mut n, &v).await;
+        // The mount vanishes behind the driver's back.
+        assert!(std::process::Command::new("umount")
+            .arg(&v.target)
+            .status()
+            .unwrap()
+            .success());
+        let stats = n
+            .node_get_volume_stats(stats_req(&v, &v.target))
+            .await
+            .unwrap()
+            .into_inner();
+        let cond = stats.volume_condition.unwrap();
+        assert!(
+            cond.abnormal && cond.message.contains("not mounted"),
+            "{cond:?}"
+        );
+        // The backing directory vanishes.
+        assert!(std::process::Command::new("umount")
+            .arg(&v.staging)
+            .status()
+            .unwrap()
+            .success());
+        std::fs::remove_dir(h.pool_volumes().join(&v.id)).unwrap();
+        let stats = n
+            .node_get_volume_stats(stats_req(&v, &v.staging))
+            .await
+            .unwrap()
+            .into_inner();
+        let cond = stats.volume_condition.unwrap();
+        assert!(
+            cond.abnormal && cond.message.contains("missing"),
+            "{cond:?}"
+        );
+    })
+    .await
+}
+
+#[tokio::test]
+async fn node_info_and_capabilities() {
+    bounded(async {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("stowage.toml");
+        let pool = dir.path().join("pool-fast");
+        std::fs::write(&cfg, format!("max_volumes_per_node = 7\n[[pool]]\nname = \"fast\"\nkind = \"dir\"\npath = \"{}\"\n", pool.display())).unwrap();
+        let h = Harness::start(&["--config", cfg.to_str().unwrap()]).await;
+        let mut n = h.node().await;
+        let info = n.node_get_info(csi::NodeGetInfoRequest {}).await.unwrap().into_inner();
+        assert_eq!(info.node_id, "node-a");
+        assert_eq!(info.max_volumes_per_node, 7);
+        assert_eq!(
+            info.accessible_topology.unwrap().segments,
+            [("stowage.csi.dev/node".to_string(), "node-a".to_string())].into_iter().collect::<HashMap<_, _>>()
+        );
+        let caps = n.node_get_capabilities(csi::NodeGetCapabilitiesRequest {}).await.unwrap().into_inner();
+        use csi::node_service_capability::rpc::Type;
+        let mut got: Vec<i32> = caps.capabilities.iter().filter_map(|c| match &c.r#type {
+            Some(csi::node_service_capability::Type::Rpc(r)) => Some(r.r#type),
+            _ => None,
+        }).collect();
+        got.sort();
+        let mut want = vec![Type::StageUnstageVolume as i32, Type::GetVolumeStats as i32, Type::VolumeCondition as i32, Type::SingleNodeMultiWriter as i32];
+        want.sort();
+        assert_eq!(got, want);
+        // The configured pool is the default pool.
+        let mut c = h.controller().await;
+        let v = c.create_volume(create_req("in-fast", 1 << 20)).await.unwrap().into_inner().volume.unwrap();
+        assert_eq!(v.volume_context.get("pool").map(String::as_str), Some("fast"));
+        assert!(pool.join("volumes").join(&v.volume_id).is_dir());
+    })
+    .await
+}
