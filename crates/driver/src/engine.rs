@@ -547,3 +547,161 @@ pub fn capability_to_wire(cap: &Capability) -> csi::VolumeCapability {
         }),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+    use std::path::Path;
+    use stowage_core::config::{PoolConfig, PoolKind};
+    use stowage_core::request::NodeStage;
+    use stowage_sys::{FakeKernel, KernelCall, MountAttrs, QuotaSupport};
+
+    fn engine(dir: &Path, kernel: Arc<FakeKernel>) -> Engine {
+        let cfg = PoolConfig {
+            name: "default".into(),
+            kind: PoolKind::Dir,
+            path: dir.join("pool"),
+            default_size: None,
+        };
+        let pool = Pool::open(&cfg, kernel.clone()).unwrap();
+        let identity = Identity {
+            node_id: "n1".into(),
+            topology_key: "stowage.csi.dev/node".into(),
+        };
+        let mut e = Engine::new(
+            Store::open_in_memory().unwrap(),
+            vec![pool],
+            identity,
+            kernel,
+        )
+        .unwrap();
+        e.kubelet_dirs = vec![dir.join("kubelet")];
+        std::fs::create_dir_all(dir.join("kubelet")).unwrap();
+        e.reconcile().unwrap();
+        e
+    }
+
+    fn create(name: &str) -> CreateVolume {
+        let req = csi::CreateVolumeRequest {
+            name: name.into(),
+            volume_capabilities: vec![capability_to_wire(&Capability {
+                access: Access::Mount(Default::default()),
+                mode: stowage_core::request::AccessMode::SingleNodeWriter,
+            })],
+            ..Default::default()
+        };
+        CreateVolume::try_from(&req).unwrap()
+    }
+
+    #[test]
+    fn a_call_on_a_busy_volume_is_aborted() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = engine(dir.path(), Arc::new(FakeKernel::new()));
+        let _in_flight = e.guards.claim("volume name \"busy\"".into()).unwrap();
+        assert_eq!(
+            e.create_volume(create("busy")).unwrap_err().code(),
+            tonic::Code::Aborted
+        );
+        let v = e.create_volume(create("free")).unwrap();
+        let id = VolumeId::parse(&v.volume_id).unwrap();
+        let _held = e.claim(&id).unwrap();
+        let del = DeleteVolume {
+            volume: VolumeRef::Ours(id.clone()),
+        };
+        assert_eq!(
+            e.delete_volume(del).unwrap_err().code(),
+            tonic::Code::Aborted
+        );
+    }
+
+    #[test]
+    fn not_ready_until_reconciled() {
+        let dir = tempfile::tempdir().unwrap();
+        let kernel = Arc::new(FakeKernel::new());
+        let cfg = PoolConfig {
+            name: "default".into(),
+            kind: PoolKind::Dir,
+            path: dir.path().join("p"),
+            default_size: None,
+        };
+        let pool = Pool::open(&cfg, kernel.clone()).unwrap();
+        let identity = Identity {
+            node_id: "n1".into(),
+            topology_key: "k".into(),
+        };
+        let e = Engine::new(
+            Store::open_in_memory().unwrap(),
+            vec![pool],
+            identity,
+            kernel,
+        )
+        .unwrap();
+        assert_eq!(
+            e.require_ready().unwrap_err().code(),
+            tonic::Code::Unavailable
+        );
+        e.reconcile().unwrap();
+        assert!(e.is_ready());
+    }
+
+    #[test]
+    fn stage_binds_the_volume_directory_nosuid_nodev_through_the_seam() {
+        let dir = tempfile::tempdir().unwrap();
+        let kernel = Arc::new(FakeKernel::new());
+        kernel.set_quota_support(QuotaSupport::Unavailable("fake".into()));
+        let e = engine(dir.path(), kernel.clone());
+        let v = e.create_volume(create("staged")).unwrap();
+        kernel.clear();
+        let staging = dir.path().join("kubelet/staging");
+        let req = csi::NodeStageVolumeRequest {
+            volume_id: v.volume_id.clone(),
+            staging_target_path: staging.display().to_string(),
+            volume_capability: Some(capability_to_wire(&Capability {
+                access: Access::Mount(Default::default()),
+                mode: stowage_core::request::AccessMode::SingleNodeWriter,
+            })),
+            ..Default::default()
+        };
+        e.node_stage(NodeStage::try_from(&req).unwrap()).unwrap();
+        let pool = &e.pools["default"];
+        let id = VolumeId::parse(&v.volume_id).unwrap();
+        let source = stowage_sys::fs::file_info(pool.open_volume(&id).unwrap().as_fd())
+            .unwrap()
+            .id;
+        let target = stowage_sys::fs::file_info(
+            stowage_sys::fs::open_trusted_dir(&staging).unwrap().as_fd(),
+        )
+        .unwrap()
+        .id;
+        assert_eq!(
+            kernel.calls(),
+            vec![KernelCall::BindMount {
+                source,
+                target,
+                attrs: MountAttrs {
+                    nosuid: true,
+                    nodev: true,
+                    ..Default::default()
+                }
+            }]
+        );
+        // The store records the publication, so the controller refuses deletion.
+        let del = DeleteVolume {
+            volume: VolumeRef::Ours(id),
+        };
+        assert_eq!(
+            e.delete_volume(del).unwrap_err().code(),
+            tonic::Code::FailedPrecondition
+        );
+        // A failing mount is reported with its arguments, never as UNKNOWN.
+        kernel.fail_next("bind_mount", stowage_sys::Errno::PERM, 1);
+        let other = dir.path().join("kubelet/other");
+        let mut req2 = req.clone();
+        req2.staging_target_path = other.display().to_string();
+        let err = e
+            .node_stage(NodeStage::try_from(&req2).unwrap())
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Internal);
+    }
+}

@@ -303,3 +303,169 @@ pub fn truncate(s: &str, max: usize) -> String {
     }
     s[..end].to_owned()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::VolumeState;
+    use stowage_sys::{FakeKernel, KernelCall, QuotaUsage};
+
+    fn pool_with(kernel: Arc<FakeKernel>, dir: &Path) -> Pool {
+        let cfg = PoolConfig {
+            name: "fast".into(),
+            kind: PoolKind::Dir,
+            path: dir.join("pool"),
+            default_size: None,
+        };
+        Pool::open(&cfg, kernel).unwrap()
+    }
+
+    fn record(seq: i64, capacity: u64) -> VolumeRecord {
+        VolumeRecord {
+            seq,
+            id: VolumeId::generate(),
+            name: format!("v{seq}"),
+            pool: "fast".into(),
+            capacity,
+            state: VolumeState::Creating,
+            block: false,
+            pvc_name: None,
+            pvc_namespace: None,
+            pv_name: None,
+            created_at: 0,
+        }
+    }
+
+    fn inode(pool: &Pool, id: &VolumeId) -> sysfs::InodeId {
+        sysfs::file_info(pool.open_volume(id).unwrap().as_fd())
+            .unwrap()
+            .id
+    }
+
+    #[test]
+    fn enforced_pool_sets_project_then_limit_and_lifts_it_on_delete() {
+        let dir = tempfile::tempdir().unwrap();
+        let kernel = Arc::new(FakeKernel::new());
+        kernel.set_quota_support(QuotaSupport::Enforced);
+        let pool = pool_with(Arc::clone(&kernel), dir.path());
+        assert_eq!(pool.volume_context()["capacityEnforcement"], "quota");
+        kernel.clear();
+
+        let vol = record(7, 5 << 20);
+        let project = vol.project_id();
+        assert_eq!(project as u64, crate::store::PROJECT_ID_BASE + 7);
+        pool.create(&vol).unwrap();
+        let dir_id = inode(&pool, &vol.id);
+        assert_eq!(
+            kernel.calls(),
+            vec![
+                KernelCall::SetProjectId {
+                    dir: dir_id,
+                    project
+                },
+                KernelCall::SetProjectLimit {
+                    project,
+                    bytes: 5 << 20
+                },
+            ]
+        );
+        assert_eq!(kernel.limit(project), Some(5 << 20));
+
+        // Usage comes from the quota, not from a walk.
+        let usage = QuotaUsage {
+            bytes_used: 3 << 20,
+            bytes_limit: 5 << 20,
+            inodes_used: 9,
+            inodes_limit: 0,
+        };
+        kernel.set_usage(project, usage);
+        let fd = pool.open_volume(&vol.id).unwrap();
+        let u = pool.usage(&vol, &fd).unwrap();
+        assert_eq!(
+            (u.bytes_total, u.bytes_used, u.inodes_used),
+            (5 << 20, 3 << 20, 9)
+        );
+        assert!(u.bytes_available <= 2 << 20);
+
+        kernel.clear();
+        pool.delete(&vol).unwrap();
+        assert_eq!(
+            kernel.calls(),
+            vec![KernelCall::SetProjectLimit { project, bytes: 0 }]
+        );
+        assert!(matches!(pool.open_volume(&vol.id), Err(Error::NotFound(_))));
+    }
+
+    #[test]
+    fn a_failed_quota_step_is_reported_and_a_retry_finishes_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let kernel = Arc::new(FakeKernel::new());
+        kernel.set_quota_support(QuotaSupport::Enforced);
+        let pool = pool_with(Arc::clone(&kernel), dir.path());
+        let vol = record(1, 1 << 20);
+
+        kernel.fail_next("set_project_limit", Errno::IO, 1);
+        let err = pool.create(&vol).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Internal);
+        assert!(err.to_string().contains("limiting project"), "{err}");
+        // The retry reuses the directory and completes both steps.
+        kernel.clear();
+        pool.create(&vol).unwrap();
+        let project = vol.project_id();
+        assert_eq!(kernel.calls().len(), 2);
+        assert_eq!(kernel.limit(project), Some(1 << 20));
+
+        kernel.fail_next("set_project_id", Errno::NOSPC, 1);
+        let other = record(2, 1 << 20);
+        assert_eq!(
+            pool.create(&other).unwrap_err().code(),
+            tonic::Code::ResourceExhausted
+        );
+        kernel.fail_next("set_project_limit", Errno::DQUOT, 1);
+        assert_eq!(
+            pool.delete(&vol).unwrap_err().code(),
+            tonic::Code::ResourceExhausted
+        );
+    }
+
+    #[test]
+    fn advisory_pool_makes_no_quota_calls_and_says_why() {
+        let dir = tempfile::tempdir().unwrap();
+        let kernel = Arc::new(FakeKernel::new());
+        kernel.set_quota_support(QuotaSupport::Unavailable("no CONFIG_QFMT_V2".into()));
+        let pool = pool_with(Arc::clone(&kernel), dir.path());
+        kernel.clear();
+        let vol = record(3, 1 << 20);
+        pool.create(&vol).unwrap();
+        pool.create(&vol).unwrap();
+        assert!(kernel.calls().is_empty(), "{:?}", kernel.calls());
+        let ctx = pool.volume_context();
+        assert_eq!(ctx["capacityEnforcement"], "advisory");
+        assert!(ctx["capacityNote"].contains("QFMT_V2"));
+        let cond = pool.condition(&vol);
+        assert!(
+            !cond.abnormal && cond.message.contains("advisory"),
+            "{cond:?}"
+        );
+        // Usage walks the tree.
+        let fd = pool.open_volume(&vol.id).unwrap();
+        std::fs::write(
+            dir.path()
+                .join("pool/volumes")
+                .join(vol.id.as_str())
+                .join("f"),
+            vec![1u8; 64 << 10],
+        )
+        .unwrap();
+        let u = pool.usage(&vol, &fd).unwrap();
+        assert!(u.bytes_used >= 64 << 10 && u.inodes_used >= 2, "{u:?}");
+        pool.delete(&vol).unwrap();
+        pool.delete(&vol).unwrap();
+    }
+
+    #[test]
+    fn truncation_keeps_characters_whole() {
+        assert_eq!(truncate("abc", 5), "abc");
+        assert_eq!(truncate("ééé", 3), "é");
+    }
+}
