@@ -311,6 +311,23 @@ impl Store {
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Runs `f` with commits that are atomic and survive a crash of the process (the WAL is in
+    /// the page cache) but are not fsync'd; the next durable commit makes them durable too,
+    /// since the WAL is written in order. Used only where losing the write to a power cut is
+    /// harmless because start-up reconciliation re-derives it: the completion of an intent
+    /// whose durable record already exists, and publications (mounts do not survive a power
+    /// cut either).
+    fn relaxed<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T> {
+        let conn = self.conn();
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(db_err)?;
+        let out = f(&conn);
+        let restored = conn.pragma_update(None, "synchronous", "FULL");
+        let out = out.map_err(db_err)?;
+        restored.map_err(db_err)?;
+        Ok(out)
+    }
+
     /// Records a new volume in `creating` state.
     pub fn insert_volume(&self, v: &NewVolume<'_>) -> Result<VolumeRecord> {
         let conn = self.conn();
@@ -357,21 +374,31 @@ impl Store {
         .map_err(db_err)
     }
 
-    /// Moves a volume to `state`.
+    /// Moves a volume to `state`. Intents (`creating`, `deleting`) are durable when this
+    /// returns; `ready` completes an intent that reconciliation would finish anyway, so it is
+    /// not fsync'd on its own.
     pub fn set_volume_state(&self, id: &VolumeId, state: VolumeState) -> Result<()> {
-        let conn = self.conn();
-        conn.prepare_cached("UPDATE volumes SET state = ?2 WHERE id = ?1")
-            .and_then(|mut st| st.execute(params![id.as_str(), state.as_str()]))
-            .map_err(db_err)?;
+        let update = |conn: &Connection| {
+            conn.prepare_cached("UPDATE volumes SET state = ?2 WHERE id = ?1")
+                .and_then(|mut st| st.execute(params![id.as_str(), state.as_str()]))
+        };
+        match state {
+            VolumeState::Ready => self.relaxed(update)?,
+            VolumeState::Creating | VolumeState::Deleting => {
+                update(&self.conn()).map_err(db_err)?
+            }
+        };
         Ok(())
     }
 
-    /// Forgets a volume (after its backend artifacts are gone).
+    /// Forgets a volume after its backend artifacts are gone. The `deleting` record it
+    /// replaces is durable, and reconciliation finishes a delete, so this is not fsync'd on
+    /// its own.
     pub fn remove_volume(&self, id: &VolumeId) -> Result<()> {
-        let conn = self.conn();
-        conn.prepare_cached("DELETE FROM volumes WHERE id = ?1")
-            .and_then(|mut st| st.execute([id.as_str()]))
-            .map_err(db_err)?;
+        self.relaxed(|conn| {
+            conn.prepare_cached("DELETE FROM volumes WHERE id = ?1")
+                .and_then(|mut st| st.execute([id.as_str()]))
+        })?;
         Ok(())
     }
 
@@ -462,9 +489,9 @@ impl Store {
         .map_err(db_err)
     }
 
-    /// Records (or replaces) a publication.
+    /// Records (or replaces) a publication (crash-safe, not fsync'd: see [`Store::relaxed`]).
     pub fn put_publication(&self, p: &Publication) -> Result<()> {
-        let conn = self.conn();
+        self.relaxed(|conn| {
         conn.prepare_cached(
             "INSERT OR REPLACE INTO publications
              (path, volume_id, kind, state, read_only, access_mode, flags, created_dir, staging_path)
@@ -483,16 +510,16 @@ impl Store {
                 p.staging_path
             ])
         })
-        .map_err(db_err)?;
+        })?;
         Ok(())
     }
 
-    /// Forgets the publication at `path`.
+    /// Forgets the publication at `path` (crash-safe, not fsync'd: see [`Store::relaxed`]).
     pub fn remove_publication(&self, path: &str) -> Result<()> {
-        let conn = self.conn();
-        conn.prepare_cached("DELETE FROM publications WHERE path = ?1")
-            .and_then(|mut st| st.execute([path]))
-            .map_err(db_err)?;
+        self.relaxed(|conn| {
+            conn.prepare_cached("DELETE FROM publications WHERE path = ?1")
+                .and_then(|mut st| st.execute([path]))
+        })?;
         Ok(())
     }
 }
