@@ -24,7 +24,7 @@ use tonic::{Request, Response, Status};
 
 use crate::engine::Engine;
 use crate::pool::Pool;
-use crate::service::{Driver, Service};
+use crate::service::{Cost, Driver, Service};
 use crate::store::{Publication, PublicationKind, PublicationState, VolumeRecord};
 
 /// How many stacked mounts of ours unpublish removes from one path before giving up.
@@ -703,10 +703,16 @@ impl csi::node_server::Node for Driver {
     ) -> Result<Response<csi::NodeStageVolumeResponse>, Status> {
         let req = req.into_inner();
         let subject = req.volume_id.clone();
-        self.call(Service::Node, "NodeStageVolume", &subject, move |e| {
-            e.node_stage(NodeStage::try_from(&req)?)?;
-            Ok(csi::NodeStageVolumeResponse {})
-        })
+        self.call(
+            Service::Node,
+            Cost::Short,
+            "NodeStageVolume",
+            &subject,
+            move |e| {
+                e.node_stage(NodeStage::try_from(&req)?)?;
+                Ok(csi::NodeStageVolumeResponse {})
+            },
+        )
         .await
     }
 
@@ -716,10 +722,16 @@ impl csi::node_server::Node for Driver {
     ) -> Result<Response<csi::NodeUnstageVolumeResponse>, Status> {
         let req = req.into_inner();
         let subject = req.volume_id.clone();
-        self.call(Service::Node, "NodeUnstageVolume", &subject, move |e| {
-            e.node_unstage(NodeUnstage::try_from(&req)?)?;
-            Ok(csi::NodeUnstageVolumeResponse {})
-        })
+        self.call(
+            Service::Node,
+            Cost::Short,
+            "NodeUnstageVolume",
+            &subject,
+            move |e| {
+                e.node_unstage(NodeUnstage::try_from(&req)?)?;
+                Ok(csi::NodeUnstageVolumeResponse {})
+            },
+        )
         .await
     }
 
@@ -729,10 +741,16 @@ impl csi::node_server::Node for Driver {
     ) -> Result<Response<csi::NodePublishVolumeResponse>, Status> {
         let req = req.into_inner();
         let subject = req.volume_id.clone();
-        self.call(Service::Node, "NodePublishVolume", &subject, move |e| {
-            e.node_publish(NodePublish::try_from(&req)?)?;
-            Ok(csi::NodePublishVolumeResponse {})
-        })
+        self.call(
+            Service::Node,
+            Cost::Short,
+            "NodePublishVolume",
+            &subject,
+            move |e| {
+                e.node_publish(NodePublish::try_from(&req)?)?;
+                Ok(csi::NodePublishVolumeResponse {})
+            },
+        )
         .await
     }
 
@@ -742,10 +760,16 @@ impl csi::node_server::Node for Driver {
     ) -> Result<Response<csi::NodeUnpublishVolumeResponse>, Status> {
         let req = req.into_inner();
         let subject = req.volume_id.clone();
-        self.call(Service::Node, "NodeUnpublishVolume", &subject, move |e| {
-            e.node_unpublish(NodeUnpublish::try_from(&req)?)?;
-            Ok(csi::NodeUnpublishVolumeResponse {})
-        })
+        self.call(
+            Service::Node,
+            Cost::Short,
+            "NodeUnpublishVolume",
+            &subject,
+            move |e| {
+                e.node_unpublish(NodeUnpublish::try_from(&req)?)?;
+                Ok(csi::NodeUnpublishVolumeResponse {})
+            },
+        )
         .await
     }
 
@@ -755,9 +779,13 @@ impl csi::node_server::Node for Driver {
     ) -> Result<Response<csi::NodeGetVolumeStatsResponse>, Status> {
         let req = req.into_inner();
         let subject = req.volume_id.clone();
-        self.call(Service::Node, "NodeGetVolumeStats", &subject, move |e| {
-            e.node_stats(NodeStats::try_from(&req)?)
-        })
+        self.call(
+            Service::Node,
+            Cost::Unbounded,
+            "NodeGetVolumeStats",
+            &subject,
+            move |e| e.node_stats(NodeStats::try_from(&req)?),
+        )
         .await
     }
 

@@ -54,6 +54,15 @@ pub(crate) enum Service {
     Node,
 }
 
+/// How long a call's work can take, which decides the thread it runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Cost {
+    /// A handful of syscalls and at most a couple of commits.
+    Short,
+    /// Proportional to a volume's contents.
+    Unbounded,
+}
+
 /// Counts a call as in flight until dropped.
 struct InFlight(Arc<AtomicUsize>);
 
@@ -106,6 +115,7 @@ impl Driver {
     pub(crate) async fn call<T, F>(
         &self,
         service: Service,
+        cost: Cost,
         rpc: &'static str,
         subject: &str,
         f: F,
@@ -121,13 +131,20 @@ impl Driver {
         let engine = Arc::clone(&self.engine);
         let result = match engine.require_ready() {
             Err(e) => Err(e),
-            Ok(()) => tokio::task::spawn_blocking(move || f(&engine))
-                .await
-                .unwrap_or_else(|e| {
-                    Err(Error::Internal(format!(
-                        "{rpc} failed inside the driver: {e}"
-                    )))
-                }),
+            Ok(()) => match cost {
+                // Bounded work (a few syscalls and one SQLite commit): run it on this worker
+                // and skip two thread hand-offs, which cost more than the work itself.
+                Cost::Short => f(&engine),
+                // Work that grows with a volume's contents (tree removal, usage walks) must
+                // not hold an async worker: it goes to the blocking pool.
+                Cost::Unbounded => tokio::task::spawn_blocking(move || f(&engine))
+                    .await
+                    .unwrap_or_else(|e| {
+                        Err(Error::Internal(format!(
+                            "{rpc} failed inside the driver: {e}"
+                        )))
+                    }),
+            },
         };
         let micros = start.elapsed().as_micros() as u64;
         match &result {
@@ -198,12 +215,18 @@ impl csi::controller_server::Controller for Driver {
     ) -> Result<Response<csi::CreateVolumeResponse>, Status> {
         let req = req.into_inner();
         let subject = req.name.clone();
-        self.call(Service::Controller, "CreateVolume", &subject, move |e| {
-            let volume = e.create_volume(CreateVolume::try_from(&req)?)?;
-            Ok(csi::CreateVolumeResponse {
-                volume: Some(volume),
-            })
-        })
+        self.call(
+            Service::Controller,
+            Cost::Short,
+            "CreateVolume",
+            &subject,
+            move |e| {
+                let volume = e.create_volume(CreateVolume::try_from(&req)?)?;
+                Ok(csi::CreateVolumeResponse {
+                    volume: Some(volume),
+                })
+            },
+        )
         .await
     }
 
@@ -213,10 +236,16 @@ impl csi::controller_server::Controller for Driver {
     ) -> Result<Response<csi::DeleteVolumeResponse>, Status> {
         let req = req.into_inner();
         let subject = req.volume_id.clone();
-        self.call(Service::Controller, "DeleteVolume", &subject, move |e| {
-            e.delete_volume(DeleteVolume::try_from(&req)?)?;
-            Ok(csi::DeleteVolumeResponse {})
-        })
+        self.call(
+            Service::Controller,
+            Cost::Unbounded,
+            "DeleteVolume",
+            &subject,
+            move |e| {
+                e.delete_volume(DeleteVolume::try_from(&req)?)?;
+                Ok(csi::DeleteVolumeResponse {})
+            },
+        )
         .await
     }
 
@@ -242,6 +271,7 @@ impl csi::controller_server::Controller for Driver {
         let subject = req.volume_id.clone();
         self.call(
             Service::Controller,
+            Cost::Short,
             "ValidateVolumeCapabilities",
             &subject,
             move |e| e.validate_capabilities(ValidateCapabilities::try_from(&req)?),
@@ -254,9 +284,13 @@ impl csi::controller_server::Controller for Driver {
         req: Request<csi::ListVolumesRequest>,
     ) -> Result<Response<csi::ListVolumesResponse>, Status> {
         let req = req.into_inner();
-        self.call(Service::Controller, "ListVolumes", "", move |e| {
-            e.list_volumes(ListVolumes::try_from(&req)?)
-        })
+        self.call(
+            Service::Controller,
+            Cost::Short,
+            "ListVolumes",
+            "",
+            move |e| e.list_volumes(ListVolumes::try_from(&req)?),
+        )
         .await
     }
 
@@ -265,9 +299,13 @@ impl csi::controller_server::Controller for Driver {
         req: Request<csi::GetCapacityRequest>,
     ) -> Result<Response<csi::GetCapacityResponse>, Status> {
         let req = req.into_inner();
-        self.call(Service::Controller, "GetCapacity", "", move |e| {
-            e.get_capacity(GetCapacity::try_from(&req)?)
-        })
+        self.call(
+            Service::Controller,
+            Cost::Short,
+            "GetCapacity",
+            "",
+            move |e| e.get_capacity(GetCapacity::try_from(&req)?),
+        )
         .await
     }
 
@@ -340,6 +378,7 @@ impl csi::controller_server::Controller for Driver {
         let subject = req.volume_id.clone();
         self.call(
             Service::Controller,
+            Cost::Short,
             "ControllerGetVolume",
             &subject,
             move |e| e.get_volume(GetVolume::try_from(&req)?),

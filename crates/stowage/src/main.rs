@@ -20,6 +20,10 @@ struct Cli {
 enum Command {
     /// Serve the CSI Identity, Controller and Node services on a Unix socket.
     Serve(ServeArgs),
+    /// Call any CSI driver's RPCs from the command line.
+    Ctl(stowage_client::ctl::CtlArgs),
+    /// Measure a CSI driver (or the machine's syscall floor).
+    Bench(stowage_client::bench::BenchArgs),
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -145,6 +149,8 @@ fn main() -> ExitCode {
     runtime.block_on(async move {
         match cli.command {
             Command::Serve(args) => serve(args).await,
+            Command::Ctl(args) => stowage_client::ctl::run(args).await,
+            Command::Bench(args) => stowage_client::bench::run(args).await,
         }
     })
 }
