@@ -233,16 +233,14 @@ impl Pool {
             QuotaSupport::Enforced => "capacity enforced by project quota".to_owned(),
             QuotaSupport::Unavailable(why) => format!("capacity is advisory: {why}"),
         };
-        match sysfs::resolve_beneath(self.volumes.as_fd(), Path::new(vol.id.as_str()))
-            .and_then(|fd| sysfs::file_info(fd.as_fd()))
-        {
+        match sysfs::entry_info(self.volumes.as_fd(), vol.id.as_str()) {
             Ok(info) if info.is_dir => Condition {
                 abnormal: false,
                 message: enforcement,
             },
             Ok(_) => Condition {
                 abnormal: true,
-                message: "the volume's backing path is not a directory".to_owned(),
+                message: "the volume's backing path is not a directory (a symlink or file took its place)".to_owned(),
             },
             Err(e) if e.errno == Errno::NOENT => Condition {
                 abnormal: true,

@@ -387,3 +387,22 @@ fn file_info_space_and_sync() {
     sync_dir(base.as_fd()).expect("sync");
     sync_dir(path_only.as_fd()).expect("sync via O_PATH");
 }
+
+#[test]
+fn entry_info_never_follows_the_entry() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("d")).unwrap();
+    std::os::unix::fs::symlink("/", dir.path().join("door")).unwrap();
+    let fd = stowage_sys::fs::open_trusted_dir(dir.path()).unwrap();
+    let d = stowage_sys::fs::entry_info(fd.as_fd(), "d").unwrap();
+    assert!(d.is_dir && !d.is_symlink);
+    let door = stowage_sys::fs::entry_info(fd.as_fd(), "door").unwrap();
+    assert!(door.is_symlink && !door.is_dir);
+    assert!(stowage_sys::fs::entry_info(fd.as_fd(), "../x").is_err());
+    assert_eq!(
+        stowage_sys::fs::entry_info(fd.as_fd(), "absent")
+            .unwrap_err()
+            .errno,
+        stowage_sys::Errno::NOENT
+    );
+}
