@@ -781,7 +781,7 @@ impl csi::node_server::Node for Driver {
         let subject = req.volume_id.clone();
         self.call(
             Service::Node,
-            Cost::Unbounded,
+            Cost::Blocking,
             "NodeGetVolumeStats",
             &subject,
             move |e| e.node_stats(NodeStats::try_from(&req)?),

@@ -57,10 +57,11 @@ pub(crate) enum Service {
 /// How long a call's work can take, which decides the thread it runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Cost {
-    /// A handful of syscalls and at most a couple of commits.
+    /// A handful of syscalls and commits that are not flushed to disk.
     Short,
-    /// Proportional to a volume's contents.
-    Unbounded,
+    /// Waits for the disk (fsync) or grows with a volume's contents (tree removal, usage
+    /// walks).
+    Blocking,
 }
 
 /// Counts a call as in flight until dropped.
@@ -135,9 +136,10 @@ impl Driver {
                 // Bounded work (a few syscalls and one SQLite commit): run it on this worker
                 // and skip two thread hand-offs, which cost more than the work itself.
                 Cost::Short => f(&engine),
-                // Work that grows with a volume's contents (tree removal, usage walks) must
-                // not hold an async worker: it goes to the blocking pool.
-                Cost::Unbounded => tokio::task::spawn_blocking(move || f(&engine))
+                // Work that waits for the disk or grows with a volume's contents must not hold
+                // an async worker (Probe and every other call would wait behind it): it goes
+                // to the blocking pool, so calls on different volumes run in parallel.
+                Cost::Blocking => tokio::task::spawn_blocking(move || f(&engine))
                     .await
                     .unwrap_or_else(|e| {
                         Err(Error::Internal(format!(
@@ -217,7 +219,7 @@ impl csi::controller_server::Controller for Driver {
         let subject = req.name.clone();
         self.call(
             Service::Controller,
-            Cost::Short,
+            Cost::Blocking,
             "CreateVolume",
             &subject,
             move |e| {
@@ -238,7 +240,7 @@ impl csi::controller_server::Controller for Driver {
         let subject = req.volume_id.clone();
         self.call(
             Service::Controller,
-            Cost::Unbounded,
+            Cost::Blocking,
             "DeleteVolume",
             &subject,
             move |e| {
