@@ -44,6 +44,31 @@ impl Identity {
     }
 }
 
+/// ListVolumes pagination tokens: `<seq>.<tag>`, the tag a keyed hash of the sequence
+/// number under a key drawn at start (std's randomly keyed SipHash).
+#[derive(Debug, Default)]
+struct PageTokens {
+    key: std::collections::hash_map::RandomState,
+}
+
+impl PageTokens {
+    fn tag(&self, seq: i64) -> u64 {
+        use std::hash::BuildHasher;
+        self.key.hash_one(seq)
+    }
+
+    fn issue(&self, seq: i64) -> String {
+        format!("{seq}.{:016x}", self.tag(seq))
+    }
+
+    fn open(&self, token: &str) -> Option<i64> {
+        let (seq, tag) = token.split_once('.')?;
+        let seq: i64 = seq.parse().ok()?;
+        let tag = u64::from_str_radix(tag, 16).ok()?;
+        (seq > 0 && tag == self.tag(seq)).then_some(seq)
+    }
+}
+
 /// The engine.
 #[derive(Debug)]
 pub struct Engine {
@@ -53,6 +78,7 @@ pub struct Engine {
     pub(crate) identity: Identity,
     pub(crate) guards: Guards,
     pub(crate) kernel: Arc<dyn Kernel>,
+    tokens: PageTokens,
     ready: AtomicBool,
     /// Advertised by NodeGetInfo when set.
     pub max_volumes_per_node: Option<i64>,
@@ -82,6 +108,7 @@ impl Engine {
             identity,
             guards: Guards::default(),
             kernel,
+            tokens: PageTokens::default(),
             ready: AtomicBool::new(false),
             max_volumes_per_node: None,
             kubelet_dirs: vec![PathBuf::from("/var/lib/kubelet")],
@@ -436,29 +463,24 @@ impl Engine {
         }
     }
 
-    /// ListVolumes. Tokens are sequence numbers: stable across deletions, and checked, so a
-    /// token this driver never handed out is ABORTED.
+    /// ListVolumes. A token names the sequence number to continue from (stable when volumes
+    /// are deleted between pages) and carries a tag keyed with this process's secret, so a
+    /// token this driver did not hand out — or handed out before a restart — is ABORTED.
     pub fn list_volumes(&self, req: ListVolumes) -> Result<csi::ListVolumesResponse> {
         let from = match &req.starting_token {
             None => 0,
-            Some(token) => {
-                let max = self.store.max_seq()?;
-                match token.parse::<i64>() {
-                    Ok(n) if n >= 1 && n <= max + 1 => n,
-                    _ => {
-                        return Err(Error::Aborted(format!(
-                            "starting_token {token:?} was not issued by this driver; restart the listing without a token"
-                        )))
-                    }
-                }
-            }
+            Some(token) => self.tokens.open(token).ok_or_else(|| {
+                Error::Aborted(format!(
+                    "starting_token {token:?} was not issued by this driver instance; restart the listing without a token"
+                ))
+            })?,
         };
         let fetch = req.max_entries.map(|n| n.saturating_add(1));
         let mut rows = self.store.list_ready(from, fetch)?;
         let next_token = match req.max_entries {
             Some(n) if rows.len() > n as usize => rows
                 .pop()
-                .map(|(v, _)| v.seq.to_string())
+                .map(|(v, _)| self.tokens.issue(v.seq))
                 .unwrap_or_default(),
             _ => String::new(),
         };
@@ -612,6 +634,31 @@ mod tests {
         assert_eq!(
             e.delete_volume(del).unwrap_err().code(),
             tonic::Code::Aborted
+        );
+    }
+
+    #[test]
+    fn page_tokens_are_only_ours() {
+        let t = PageTokens::default();
+        let token = t.issue(42);
+        assert_eq!(t.open(&token), Some(42));
+        for bad in [
+            "42",
+            "",
+            "42.",
+            ".0",
+            "abc.def",
+            "-1.0",
+            "43.0000000000000000",
+        ] {
+            assert_eq!(t.open(bad), None, "{bad}");
+        }
+        let forged = format!("43.{}", token.split_once('.').unwrap().1);
+        assert_eq!(t.open(&forged), None);
+        assert_eq!(
+            PageTokens::default().open(&token),
+            None,
+            "a token from another instance"
         );
     }
 

@@ -434,25 +434,6 @@ impl Store {
         rows.collect::<rusqlite::Result<_>>().map_err(db_err)
     }
 
-    /// The highest sequence number ever handed out (0 when none).
-    pub fn max_seq(&self) -> Result<i64> {
-        let conn = self.conn();
-        conn.prepare_cached(
-            "SELECT COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'volumes'), 0)",
-        )
-        .and_then(|mut st| st.query_row([], |r| r.get(0)))
-        .map_err(db_err)
-    }
-
-    /// Number of ready volumes.
-    pub fn count_volumes(&self) -> Result<u64> {
-        let conn = self.conn();
-        conn.prepare_cached("SELECT COUNT(*) FROM volumes")
-            .and_then(|mut st| st.query_row([], |r| r.get::<_, i64>(0)))
-            .map(|n| n as u64)
-            .map_err(db_err)
-    }
-
     /// Publications of one volume.
     pub fn publications_of(&self, id: &VolumeId) -> Result<Vec<Publication>> {
         let conn = self.conn();
@@ -559,7 +540,6 @@ mod tests {
         let id2 = VolumeId::generate();
         let rec2 = store.insert_volume(&new(&id2, "a")).unwrap();
         assert!(rec2.seq > rec.seq);
-        assert_eq!(store.max_seq().unwrap(), rec2.seq);
     }
 
     #[test]
