@@ -232,13 +232,7 @@ async fn delete_volume_is_idempotent_and_never_touches_paths_from_ids() {
     bounded(async {
         let h = Harness::start(&[]).await;
         let mut c = h.controller().await;
-        let v = c
-            .create_volume(create_req("del", 1 << 20))
-            .await
-            .unwrap()
-            .into_inner()
-            .volume
-            .unwrap();
+        let v = create_volume(&mut c, "del", 1 << 20).await;
         let del = |id: &str| csi::DeleteVolumeRequest {
             volume_id: id.to_owned(),
             secrets: HashMap::new(),
@@ -277,13 +271,7 @@ async fn delete_removes_a_hostile_tree_and_leaves_the_outside_intact() {
     bounded(async {
         let h = Harness::start(&[]).await;
         let mut c = h.controller().await;
-        let v = c
-            .create_volume(create_req("hostile", 1 << 20))
-            .await
-            .unwrap()
-            .into_inner()
-            .volume
-            .unwrap();
+        let v = create_volume(&mut c, "hostile", 1 << 20).await;
         let root = h.pool_volumes().join(&v.volume_id);
         let outside = h.dir.path().join("outside.txt");
         std::fs::write(&outside, b"host data").unwrap();
@@ -313,13 +301,7 @@ async fn validate_list_get_and_capacity() {
         let mut c = h.controller().await;
         let mut ids = Vec::new();
         for i in 0..5 {
-            let v = c
-                .create_volume(create_req(&format!("v{i}"), 1 << 20))
-                .await
-                .unwrap()
-                .into_inner()
-                .volume
-                .unwrap();
+            let v = create_volume(&mut c, &format!("v{i}"), 1 << 20).await;
             ids.push(v);
         }
         // ValidateVolumeCapabilities.
@@ -649,13 +631,7 @@ async fn state_survives_a_restart_and_sigterm_exits_cleanly() {
     bounded(async {
         let mut h = Harness::start(&[]).await;
         let mut c = h.controller().await;
-        let v = c
-            .create_volume(create_req("kept", 1 << 20))
-            .await
-            .unwrap()
-            .into_inner()
-            .volume
-            .unwrap();
+        let v = create_volume(&mut c, "kept", 1 << 20).await;
         std::fs::write(
             h.pool_volumes().join(&v.volume_id).join("data"),
             b"precious",
@@ -669,13 +645,7 @@ async fn state_survives_a_restart_and_sigterm_exits_cleanly() {
         );
         h.spawn().await;
         let mut c = h.controller().await;
-        let again = c
-            .create_volume(create_req("kept", 1 << 20))
-            .await
-            .unwrap()
-            .into_inner()
-            .volume
-            .unwrap();
+        let again = create_volume(&mut c, "kept", 1 << 20).await;
         assert_eq!(again.volume_id, v.volume_id);
         let list = c
             .list_volumes(csi::ListVolumesRequest::default())
@@ -696,13 +666,7 @@ async fn reconciliation_finishes_interrupted_creates_and_deletes() {
     bounded(async {
         let mut h = Harness::start(&[]).await;
         let mut c = h.controller().await;
-        let doomed = c
-            .create_volume(create_req("doomed", 1 << 20))
-            .await
-            .unwrap()
-            .into_inner()
-            .volume
-            .unwrap();
+        let doomed = create_volume(&mut c, "doomed", 1 << 20).await;
         std::fs::write(h.pool_volumes().join(&doomed.volume_id).join("f"), b"x").unwrap();
         h.crash();
         // Leave the store as a crash would: one create recorded but not acted on, one delete
@@ -739,13 +703,7 @@ async fn reconciliation_finishes_interrupted_creates_and_deletes() {
         );
         let mut c = h.controller().await;
         // The retried call continues where it left off: the same volume.
-        let v = c
-            .create_volume(create_req("interrupted", 1 << 20))
-            .await
-            .unwrap()
-            .into_inner()
-            .volume
-            .unwrap();
+        let v = create_volume(&mut c, "interrupted", 1 << 20).await;
         assert_eq!(v.volume_id, half_created.as_str());
         let list = c
             .list_volumes(csi::ListVolumesRequest::default())

@@ -22,13 +22,7 @@ struct Vol {
 
 async fn new_volume(h: &Harness, name: &str) -> Vol {
     let mut c = h.controller().await;
-    let v = c
-        .create_volume(create_req(name, 64 << 20))
-        .await
-        .unwrap()
-        .into_inner()
-        .volume
-        .unwrap();
+    let v = create_volume(&mut c, name, 64 << 20).await;
     let pod = h
         .kubelet()
         .join("pods")
@@ -749,7 +743,7 @@ async fn node_info_and_capabilities() {
         assert_eq!(got, want);
         // The configured pool is the default pool.
         let mut c = h.controller().await;
-        let v = c.create_volume(create_req("in-fast", 1 << 20)).await.unwrap().into_inner().volume.unwrap();
+        let v = create_volume(&mut c, "in-fast", 1 << 20).await;
         assert_eq!(v.volume_context.get("pool").map(String::as_str), Some("fast"));
         assert!(pool.join("volumes").join(&v.volume_id).is_dir());
     })

@@ -97,13 +97,7 @@ async fn quota_enforced_on(fs: &str) {
     .unwrap();
     let h = Harness::start(&["--config", cfg.to_str().unwrap()]).await;
     let mut c = h.controller().await;
-    let v = c
-        .create_volume(create_req("capped", 4 << 20))
-        .await
-        .unwrap()
-        .into_inner()
-        .volume
-        .unwrap();
+    let v = create_volume(&mut c, "capped", 4 << 20).await;
     if v.volume_context
         .get("capacityEnforcement")
         .map(String::as_str)

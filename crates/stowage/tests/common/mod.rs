@@ -301,6 +301,20 @@ pub fn create_req(name: &str, bytes: i64) -> csi::CreateVolumeRequest {
     }
 }
 
+/// Creates a mount volume of `bytes` named `name` and returns it; panics on failure.
+pub async fn create_volume(
+    c: &mut csi::controller_client::ControllerClient<Channel>,
+    name: &str,
+    bytes: i64,
+) -> csi::Volume {
+    c.create_volume(create_req(name, bytes))
+        .await
+        .unwrap_or_else(|e| panic!("CreateVolume {name:?}: {e:?}"))
+        .into_inner()
+        .volume
+        .expect("CreateVolume returned no volume")
+}
+
 /// The gRPC code of a call's result.
 pub fn code<T>(r: Result<tonic::Response<T>, tonic::Status>) -> tonic::Code {
     match r {
