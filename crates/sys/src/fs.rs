@@ -492,6 +492,15 @@ pub fn entry_info(dir: BorrowedFd<'_>, name: &str) -> SysResult<FileInfo> {
     Ok(info_of(&st))
 }
 
+/// The names in directory `dir` (not `.` and `..`), as UTF-8 where they are; others are
+/// rendered lossily, which is enough to report them.
+pub fn entry_names(dir: BorrowedFd<'_>) -> SysResult<Vec<String>> {
+    Ok(read_entries(dir)?
+        .into_iter()
+        .map(|e| String::from_utf8_lossy(e.name.to_bytes()).into_owned())
+        .collect())
+}
+
 /// fstatvfs of an fd.
 pub fn fs_space(fd: BorrowedFd<'_>) -> SysResult<FsSpace> {
     let vfs = rustix::fs::fstatvfs(fd).map_err(|e| at_error("fstatvfs", fd, b"", e))?;

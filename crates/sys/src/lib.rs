@@ -15,6 +15,7 @@ pub mod fake;
 pub mod fs;
 mod kernel;
 mod linux;
+pub mod mountinfo;
 
 pub use error::{SysError, SysResult};
 pub use fake::{FakeKernel, KernelCall};

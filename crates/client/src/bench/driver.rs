@@ -151,19 +151,19 @@ struct Base {
     staging_path: String,
 }
 
-/// State shared by setup, workers and cleanup.
-struct Env {
-    channels: Vec<Channel>,
-    timeout: Duration,
-    secrets: Secrets,
-    params: HashMap<String, String>,
-    snapshot_params: HashMap<String, String>,
-    capability: csi::VolumeCapability,
-    size: i64,
+/// State shared by setup, workers and cleanup (also of `bench scale`).
+pub(super) struct Env {
+    pub(super) channels: Vec<Channel>,
+    pub(super) timeout: Duration,
+    pub(super) secrets: Secrets,
+    pub(super) params: HashMap<String, String>,
+    pub(super) snapshot_params: HashMap<String, String>,
+    pub(super) capability: csi::VolumeCapability,
+    pub(super) size: i64,
     /// `bench-<random>-`: makes names unique per run and easy to find if anything leaks.
-    prefix: String,
-    target_dir: PathBuf,
-    registry: Registry,
+    pub(super) prefix: String,
+    pub(super) target_dir: PathBuf,
+    pub(super) registry: Registry,
 }
 
 impl Env {
@@ -171,7 +171,7 @@ impl Env {
         self.channels[worker % self.channels.len()].clone()
     }
 
-    fn controller(&self, worker: usize) -> ControllerClient<Channel> {
+    pub(super) fn controller(&self, worker: usize) -> ControllerClient<Channel> {
         ControllerClient::new(self.channel(worker))
     }
 
@@ -179,7 +179,7 @@ impl Env {
         NodeClient::new(self.channel(worker))
     }
 
-    fn describe(&self, status: &Status) -> String {
+    pub(super) fn describe(&self, status: &Status) -> String {
         describe_status(status, &self.secrets)
     }
 
@@ -207,7 +207,11 @@ impl Env {
     }
 
     /// CreateVolume, keeping the registry right whatever the outcome.
-    async fn create_volume(&self, worker: usize, name: &str) -> Result<csi::Volume, Status> {
+    pub(super) async fn create_volume(
+        &self,
+        worker: usize,
+        name: &str,
+    ) -> Result<csi::Volume, Status> {
         let t = self.timeout;
         self.registry.volume_pending(name);
         debug!(rpc = "CreateVolume", name, "calling");
@@ -235,7 +239,12 @@ impl Env {
         }
     }
 
-    async fn delete_volume(&self, worker: usize, name: &str, id: &str) -> Result<(), Status> {
+    pub(super) async fn delete_volume(
+        &self,
+        worker: usize,
+        name: &str,
+        id: &str,
+    ) -> Result<(), Status> {
         let t = self.timeout;
         debug!(rpc = "DeleteVolume", volume_id = id, "calling");
         let req = csi::DeleteVolumeRequest {
@@ -334,7 +343,7 @@ impl Env {
 
 /// Retries calls a busy or restarting driver may refuse for a moment (ABORTED means another
 /// operation on the same volume is still pending, e.g. a create that timed out on our side).
-async fn retry<T, F, Fut>(mut call: F) -> Result<T, Status>
+pub(super) async fn retry<T, F, Fut>(mut call: F) -> Result<T, Status>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, Status>>,
@@ -364,9 +373,9 @@ where
 
 /// Driver name and version for the report.
 #[derive(Debug, Default, Serialize)]
-struct DriverInfo {
-    name: String,
-    vendor_version: String,
+pub(super) struct DriverInfo {
+    pub(super) name: String,
+    pub(super) vendor_version: String,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -413,7 +422,7 @@ enum SetupError {
     Local(String),
 }
 
-fn rss_sample(pid: Option<u32>, err: &mut dyn Write) -> Option<u64> {
+pub(super) fn rss_sample(pid: Option<u32>, err: &mut dyn Write) -> Option<u64> {
     let pid = pid?;
     match read_rss(pid) {
         Ok(v) => Some(v),
@@ -424,7 +433,7 @@ fn rss_sample(pid: Option<u32>, err: &mut dyn Write) -> Option<u64> {
     }
 }
 
-fn capability_set<I: IntoIterator<Item = Option<i32>>>(types: I) -> BTreeSet<i32> {
+pub(super) fn capability_set<I: IntoIterator<Item = Option<i32>>>(types: I) -> BTreeSet<i32> {
     types.into_iter().flatten().collect()
 }
 
@@ -1127,26 +1136,42 @@ async fn cleanup(env: &Env, err: &mut (dyn Write + Send)) -> Vec<String> {
         }
     }
     for (name, created) in &state.volumes {
-        let id = match created {
-            Created::Id(id) => id.clone(),
-            Created::Pending => match retry(|| env.create_volume(0, name)).await {
-                Ok(v) => v.volume_id,
-                Err(s) if !outcome_unknown(&s) => {
-                    debug!(name = %name, "pending volume was never created");
-                    continue;
-                }
-                Err(s) => {
-                    warn(format!("CreateVolume (to find volume {name})"), &s);
-                    continue;
-                }
-            },
-        };
-        if let Err(s) = retry(|| env.delete_volume(0, name, &id)).await {
-            warn(format!("DeleteVolume {id}"), &s);
+        if let Err(message) = cleanup_volume(env, 0, name, created).await {
+            let _ = writeln!(err, "cleanup: {message}");
         }
     }
     remove_dirs(env, &state.dirs, err);
     env.registry.leftovers()
+}
+
+/// Deletes one registered volume, first repeating its create by name when the ID is
+/// unknown. `Ok` also when the volume turns out never to have been created; `Err` carries
+/// `CALL ID: STATUS` for the user.
+pub(super) async fn cleanup_volume(
+    env: &Env,
+    worker: usize,
+    name: &str,
+    created: &Created,
+) -> Result<(), String> {
+    let id = match created {
+        Created::Id(id) => id.clone(),
+        Created::Pending => match retry(|| env.create_volume(worker, name)).await {
+            Ok(v) => v.volume_id,
+            Err(s) if !outcome_unknown(&s) => {
+                debug!(name = %name, "pending volume was never created");
+                return Ok(());
+            }
+            Err(s) => {
+                return Err(format!(
+                    "CreateVolume (to find volume {name}): {}",
+                    env.describe(&s)
+                ))
+            }
+        },
+    };
+    retry(|| env.delete_volume(worker, name, &id))
+        .await
+        .map_err(|s| format!("DeleteVolume {id}: {}", env.describe(&s)))
 }
 
 /// Removes directories the bench created, plus `pub-*` targets a driver failed to remove

@@ -1,12 +1,18 @@
-//! `stowage bench`: load-test any CSI driver, and `stowage bench floor`: the same kinds of
-//! operations as raw syscalls, for comparison.
+//! `stowage bench`: load-test any CSI driver; `stowage bench scale`: how a driver behaves
+//! as its number of volumes grows; `stowage bench floor`: the same kinds of operations as
+//! raw syscalls, for comparison.
 //!
 //! ```text
 //! stowage bench [--endpoint unix:///…] [--workload create-delete|publish-unpublish|snapshot|mixed]
 //!               [--count N] [--concurrency N] [--connections N] [--size 1Mi] [--param k=v]...
 //!               [--pid DRIVER_PID] [--target-dir DIR] [--volume-id ID] [--output table|json]
+//! stowage bench scale [--endpoint unix:///…] --steps N[,N…] [--probe-count 500] [--page-size 0]
+//!               [--concurrency 16] [--size 1Mi] [--param k=v]... [--pid DRIVER_PID]
+//!               [--output table|json] [--keep]
 //! stowage bench floor [--count N] [--dir DIR] [--output table|json]
 //! ```
+//!
+//! `scale` is described in its module; the rest of this text is about the plain bench.
 //!
 //! `--concurrency` workers pull operation numbers from a shared counter until `--count`
 //! operations were issued; worker `w` uses connection `w % --connections`. Each worker keeps
@@ -40,6 +46,7 @@ mod floor;
 mod progress;
 mod registry;
 mod rss;
+mod scale;
 mod stats;
 
 use std::io::{IsTerminal, Write};
@@ -60,7 +67,8 @@ use crate::size::{parse_duration, parse_size_i64};
 #[derive(Debug, Clone, Args)]
 #[command(after_help = exit::HELP)]
 pub struct BenchArgs {
-    /// `floor`: measure raw syscalls instead of a driver.
+    /// `scale`: measure a driver as its volume count grows; `floor`: measure raw syscalls
+    /// instead of a driver.
     #[command(subcommand)]
     pub command: Option<BenchCommand>,
 
@@ -139,6 +147,78 @@ pub enum BenchCommand {
     /// for what a driver's stage/publish path costs. Bind mounts need root (skipped
     /// otherwise).
     Floor(FloorArgs),
+    /// Grow the driver's volume count step by step (`--steps`) and, at each size, measure
+    /// sequential CreateVolume latency and the time to list all volumes, plus the driver's
+    /// RSS. Everything created is deleted at the end (unless --keep), also after Ctrl-C.
+    Scale(ScaleArgs),
+}
+
+/// Arguments of `stowage bench scale`.
+#[derive(Debug, Clone, Args)]
+#[command(after_help = exit::HELP)]
+pub struct ScaleArgs {
+    /// CSI endpoint: unix:///path/to/csi.sock, tcp://host:port or http://host:port
+    /// [default: `stowage bench --endpoint`, i.e. $CSI_ENDPOINT or
+    /// unix:///run/stowage/csi.sock].
+    #[arg(long)]
+    pub endpoint: Option<String>,
+
+    /// Volume counts to measure at, comma-separated (e.g. 1000,10000,100000); run in
+    /// increasing order. Each step creates volumes until this run holds that many.
+    #[arg(long, required = true, value_delimiter = ',', value_name = "N,N,…",
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub steps: Vec<u64>,
+
+    /// Sequential CreateVolume+DeleteVolume pairs per step for the create latency (0 skips
+    /// the probe).
+    #[arg(long, default_value_t = 500)]
+    pub probe_count: u64,
+
+    /// ListVolumes max_entries per page (0 = no limit, the driver decides).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(i32).range(0..))]
+    pub page_size: i32,
+
+    /// CreateVolume calls in flight while populating (and DeleteVolume during cleanup).
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    pub concurrency: u64,
+
+    /// Size of each created volume (bytes, Ki/Mi/Gi/Ti or K/M/G/T).
+    #[arg(long, default_value = "1Mi", value_parser = parse_size_i64, value_name = "SIZE")]
+    pub size: i64,
+
+    /// CreateVolume parameter; repeatable. Nothing driver-specific is sent otherwise.
+    #[arg(long = "param", value_parser = parse_kv, value_name = "KEY=VALUE")]
+    pub params: Vec<(String, String)>,
+
+    /// Access mode of the volume capability sent with CreateVolume.
+    #[arg(long = "access-mode", value_enum, default_value_t = AccessModeArg::SingleNodeWriter,
+          value_name = "MODE")]
+    pub access_mode: AccessModeArg,
+
+    /// Filesystem type of the mount capability (empty = driver default).
+    #[arg(long = "fs", value_name = "FSTYPE")]
+    pub fs_type: Option<String>,
+
+    /// PID of the driver, to report its RSS (VmRSS) after each step.
+    #[arg(long)]
+    pub pid: Option<u32>,
+
+    /// Leave the created volumes on the driver instead of deleting them at the end (also
+    /// when interrupted); their names start with the run's `bench-scale-<run-id>-`.
+    #[arg(long)]
+    pub keep: bool,
+
+    /// Deadline of each RPC (each ListVolumes page), e.g. 60s, 500ms.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub timeout: Duration,
+
+    /// File with secrets (key=value lines or a JSON object); else CSI_SECRETS (k=v,k=v).
+    #[arg(long, value_name = "FILE")]
+    pub secrets_file: Option<PathBuf>,
+
+    /// Output format of the report.
+    #[arg(long, short = 'o', value_enum, default_value_t = OutputFormat::Table)]
+    pub output: OutputFormat,
 }
 
 /// Arguments of `stowage bench floor`.
@@ -207,9 +287,9 @@ impl std::fmt::Debug for Options {
     }
 }
 
-/// Runs `stowage bench` (or `bench floor`) with the process's stdout/stderr, a progress bar
-/// when stderr is a terminal, and SIGINT/SIGTERM wired to a graceful stop with cleanup.
-/// See [`crate::exit`] for the exit codes.
+/// Runs `stowage bench` (or `bench scale` / `bench floor`) with the process's stdout and
+/// stderr, a progress bar when stderr is a terminal, and SIGINT/SIGTERM wired to a graceful
+/// stop with cleanup. See [`crate::exit`] for the exit codes.
 pub async fn run(args: BenchArgs) -> ExitCode {
     let options = Options {
         env_secrets: std::env::var(secrets::ENV_VAR).ok(),
@@ -273,17 +353,27 @@ pub async fn execute(
     out: &mut (dyn Write + Send),
     err: &mut (dyn Write + Send),
 ) -> u8 {
-    if let Some(BenchCommand::Floor(floor_args)) = &args.command {
-        return floor::run(floor_args, out, err).await;
-    }
-    let secrets = match Secrets::load(args.secrets_file.as_deref(), options.env_secrets.as_deref())
-    {
+    let scale_args = match &args.command {
+        Some(BenchCommand::Floor(floor_args)) => return floor::run(floor_args, out, err).await,
+        Some(BenchCommand::Scale(scale_args)) => Some(scale_args),
+        None => None,
+    };
+    let secrets_file = match scale_args {
+        Some(a) => a.secrets_file.as_deref(),
+        None => args.secrets_file.as_deref(),
+    };
+    let secrets = match Secrets::load(secrets_file, options.env_secrets.as_deref()) {
         Ok(s) => s,
         Err(e) => {
             let _ = writeln!(err, "error: {e}");
             return exit::LOCAL_ERROR;
         }
     };
+    if let Some(scale_args) = scale_args {
+        // `stowage bench --endpoint X scale …` works too.
+        let endpoint = scale_args.endpoint.as_deref().unwrap_or(&args.endpoint);
+        return scale::run(scale_args, endpoint, secrets, &options, out, err).await;
+    }
     driver::run(&args, secrets, &options, out, err).await
 }
 

@@ -9,20 +9,20 @@ use stowage_client::bench::{execute, CancelToken, Options};
 use crate::fake::{Behavior, FakeServer};
 use crate::{bounded, parse_bench, LIMIT};
 
-struct Run {
-    code: u8,
-    out: String,
-    err: String,
+pub(crate) struct Run {
+    pub(crate) code: u8,
+    pub(crate) out: String,
+    pub(crate) err: String,
 }
 
 impl Run {
-    fn json(&self) -> Value {
+    pub(crate) fn json(&self) -> Value {
         serde_json::from_str(&self.out)
             .unwrap_or_else(|e| panic!("not JSON ({e}): {}\nstderr: {}", self.out, self.err))
     }
 }
 
-async fn bench_with(server: &FakeServer, cancel: CancelToken, argv: &[&str]) -> Run {
+pub(crate) async fn bench_with(server: &FakeServer, cancel: CancelToken, argv: &[&str]) -> Run {
     let mut full = vec!["--endpoint", server.endpoint.as_str()];
     full.extend_from_slice(argv);
     let args = parse_bench(&full);
@@ -41,7 +41,7 @@ async fn bench_with(server: &FakeServer, cancel: CancelToken, argv: &[&str]) -> 
     }
 }
 
-async fn bench(server: &FakeServer, argv: &[&str]) -> Run {
+pub(crate) async fn bench(server: &FakeServer, argv: &[&str]) -> Run {
     bench_with(server, CancelToken::new(), argv).await
 }
 
@@ -277,7 +277,7 @@ async fn mixed_workload() {
 }
 
 /// Waits until `pred` holds on the fake's state.
-async fn wait_for(s: &FakeServer, pred: impl Fn(&crate::fake::State) -> bool) {
+pub(crate) async fn wait_for(s: &FakeServer, pred: impl Fn(&crate::fake::State) -> bool) {
     while !pred(&s.state()) {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }

@@ -32,6 +32,9 @@ pub struct Behavior {
     /// The first CreateVolume of a name stores the volume, then sleeps this long before
     /// answering (a create that happens but whose response is late).
     pub slow_first_create: Option<Duration>,
+    /// ListVolumes never returns more than this many volumes in total, across all pages
+    /// (a driver whose pagination loses entries).
+    pub list_cap: Option<usize>,
 }
 
 /// Observable state of the fake.
@@ -331,7 +334,8 @@ impl Controller for Fake {
                 .parse()
                 .map_err(|_| Status::aborted("invalid starting_token"))?
         };
-        let all: Vec<&Volume> = s.volumes.values().collect();
+        let cap = self.behavior.list_cap.unwrap_or(usize::MAX);
+        let all: Vec<&Volume> = s.volumes.values().take(cap).collect();
         let max = if r.max_entries > 0 {
             r.max_entries as usize
         } else {

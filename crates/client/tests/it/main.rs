@@ -7,6 +7,7 @@ mod ctl;
 mod fake;
 mod floor;
 mod logcapture;
+mod scale;
 
 use std::future::Future;
 use std::time::Duration;

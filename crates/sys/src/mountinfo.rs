@@ -1,0 +1,112 @@
+//! Reading this process's mount table (`/proc/self/mountinfo`): only to answer "is this
+//! directory mounted anywhere?", which a bind mount elsewhere makes true and no fd can tell.
+
+use std::path::PathBuf;
+
+use crate::{Errno, SysError, SysResult};
+
+/// One line of mountinfo, the fields stowage needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountEntry {
+    /// Device of the filesystem (makedev of the `major:minor` field).
+    pub dev: u64,
+    /// The directory of that filesystem the mount shows (bind mounts show a subdirectory).
+    pub root: PathBuf,
+    /// Where it is mounted.
+    pub mount_point: PathBuf,
+}
+
+/// Mount points of this process's namespace whose root, on device `dev`, is the directory
+/// named `component` or lies inside it (a bind mount of a volume or of a subPath in it).
+/// `component` is one path component, e.g. a volume id.
+pub fn mounts_of(dev: u64, component: &str) -> SysResult<Vec<PathBuf>> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").map_err(|e| {
+        SysError::new(
+            "read",
+            "\"/proc/self/mountinfo\"",
+            Errno::from_raw_os_error(e.raw_os_error().unwrap_or(libc::EIO)),
+        )
+    })?;
+    Ok(parse(&text)
+        .filter(|m| m.dev == dev && m.root.iter().any(|c| c == component))
+        .map(|m| m.mount_point)
+        .collect())
+}
+
+/// Parses mountinfo text; malformed lines are skipped.
+pub fn parse(text: &str) -> impl Iterator<Item = MountEntry> + '_ {
+    text.lines().filter_map(|line| {
+        let mut fields = line.split(' ');
+        let _id = fields.next()?;
+        let _parent = fields.next()?;
+        let (major, minor) = fields.next()?.split_once(':')?;
+        let dev = rustix::fs::makedev(major.parse().ok()?, minor.parse().ok()?);
+        let root = unescape(fields.next()?);
+        let mount_point = unescape(fields.next()?);
+        Some(MountEntry {
+            dev,
+            root,
+            mount_point,
+        })
+    })
+}
+
+/// Undoes mountinfo's octal escapes (`\\040` for a space, …).
+fn unescape(field: &str) -> PathBuf {
+    use std::os::unix::ffi::OsStringExt;
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\'
+            && i + 3 < bytes.len()
+            && bytes[i + 1..i + 4]
+                .iter()
+                .all(|b| (b'0'..=b'7').contains(b))
+        {
+            let v = (bytes[i + 1] - b'0') * 64 + (bytes[i + 2] - b'0') * 8 + (bytes[i + 3] - b'0');
+            out.push(v);
+            i += 4;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    PathBuf::from(std::ffi::OsString::from_vec(out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAMPLE: &str = "\
+22 1 254:0 / / rw,relatime shared:1 - ext4 /dev/vda rw
+40 22 254:0 /srv/pool/volumes/stw-aa /var/lib/kubelet/pods/x/volumes/mount rw,nosuid,nodev - ext4 /dev/vda rw
+41 22 254:0 /srv/pool/volumes/stw-aa/sub /var/lib/kubelet/pods/y/with\\040space rw - ext4 /dev/vda rw
+42 22 0:51 /stw-aa /elsewhere rw - tmpfs tmpfs rw
+garbage line
+";
+
+    #[test]
+    fn finds_bind_mounts_of_a_volume_and_of_paths_inside_it() {
+        let dev = rustix::fs::makedev(254, 0);
+        let found: Vec<PathBuf> = parse(SAMPLE)
+            .filter(|m| m.dev == dev && m.root.iter().any(|c| c == "stw-aa"))
+            .map(|m| m.mount_point)
+            .collect();
+        assert_eq!(
+            found,
+            vec![
+                PathBuf::from("/var/lib/kubelet/pods/x/volumes/mount"),
+                PathBuf::from("/var/lib/kubelet/pods/y/with space"),
+            ]
+        );
+        assert_eq!(parse(SAMPLE).count(), 4);
+    }
+
+    #[test]
+    fn a_component_must_match_whole() {
+        let dev = rustix::fs::makedev(254, 0);
+        assert!(!parse(SAMPLE).any(|m| m.dev == dev && m.root.iter().any(|c| c == "stw-a")));
+    }
+}
