@@ -138,7 +138,8 @@ impl Engine {
 
     /// Finishes or undoes what a crash interrupted, then marks the engine ready: volumes left
     /// `creating` are created (the backend step is idempotent), volumes left `deleting` are
-    /// removed. Directories in a pool that no record names are reported, never deleted.
+    /// removed, publications are checked against the kernel. Directories in a pool that no
+    /// record names are reported, never deleted.
     pub fn reconcile(&self) -> Result<()> {
         let unfinished = self.store.unfinished_volumes()?;
         if !unfinished.is_empty() {
@@ -169,7 +170,29 @@ impl Engine {
             }
         }
         self.reconcile_publications()?;
+        self.report_orphans()?;
         self.ready.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Logs every directory in a pool that no volume record names: data stowage does not know
+    /// about (a restored or replaced database, a copy by hand). It is never deleted.
+    fn report_orphans(&self) -> Result<()> {
+        let known: std::collections::HashSet<String> =
+            self.store.volume_ids()?.into_iter().collect();
+        for pool in self.pools.values() {
+            let orphans: Vec<String> = pool
+                .entry_names()?
+                .into_iter()
+                .filter(|name| !known.contains(name))
+                .collect();
+            if !orphans.is_empty() {
+                tracing::warn!(
+                    pool = %pool.name(), count = orphans.len(), first = %orphans[0],
+                    "pool holds directories no volume record names; they are left untouched"
+                );
+            }
+        }
         Ok(())
     }
 

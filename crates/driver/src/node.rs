@@ -685,10 +685,12 @@ impl Engine {
                 Ok(what) => {
                     tracing::info!(path = %record.path, volume = %record.volume_id, what, "reconciled publication")
                 }
-                Err(e) => {
-                    tracing::warn!(path = %record.path, volume = %record.volume_id, error = %e, "stale publication could not be checked; dropping its record");
-                    self.store.remove_publication(&record.path)?;
-                }
+                // Keep what cannot be checked (a changed --kubelet-dir, an unreadable path):
+                // dropping it would lift DeleteVolume's in-use protection of a live mount.
+                Err(e) => tracing::warn!(
+                    path = %record.path, volume = %record.volume_id, error = %e,
+                    "publication could not be checked against the kernel; its record is kept"
+                ),
             }
         }
         Ok(())

@@ -193,6 +193,23 @@ impl Pool {
     /// mount, then lifts its quota. Absent is not an error.
     pub fn delete(&self, vol: &VolumeRecord) -> Result<()> {
         let id = vol.id.as_str();
+        // The kernel is the truth for mounts: a bind mount of this volume (or of a path in
+        // it) anywhere on the node means a consumer still uses it, whatever the store says.
+        match sysfs::entry_info(self.volumes.as_fd(), id) {
+            Ok(info) => {
+                let mounts = stowage_sys::mountinfo::mounts_of(info.id.dev, id)
+                    .map_err(|e| Error::internal("reading the mount table", e))?;
+                if !mounts.is_empty() {
+                    let at: Vec<String> = mounts.iter().map(|m| m.display().to_string()).collect();
+                    return Err(Error::FailedPrecondition(format!(
+                        "volume {id} is still mounted at {}; it was left in place",
+                        at.join(", ")
+                    )));
+                }
+            }
+            Err(e) if e.errno == Errno::NOENT => {}
+            Err(e) => return Err(Error::internal(format!("statx of volume {id}"), e)),
+        }
         sysfs::remove_tree_at(self.volumes.as_fd(), id).map_err(|e| {
             if e.errno == Errno::BUSY {
                 Error::FailedPrecondition(format!(
@@ -211,6 +228,12 @@ impl Pool {
         sysfs::sync_dir(self.volumes.as_fd())
             .map_err(sys(format!("syncing pool {:?}", self.name)))?;
         Ok(())
+    }
+
+    /// Names in the pool's volume directory (for finding directories no record names).
+    pub fn entry_names(&self) -> Result<Vec<String>> {
+        sysfs::entry_names(self.volumes.as_fd())
+            .map_err(sys(format!("listing pool {:?}", self.name)))
     }
 
     /// Opens the volume's root directory (no link followed).

@@ -2,7 +2,7 @@
 //! Probe with ready=false until reconciliation finishes, and drain on SIGTERM/SIGINT.
 
 use std::future::Future;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -87,8 +87,15 @@ pub fn build_engine(opts: &ServeOptions, kernel: Arc<dyn Kernel>) -> Result<Engi
 /// that path is refused. The socket is made 0660 (owner and group only).
 fn bind(path: &Path) -> Result<UnixListener> {
     if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent)
-            .map_err(|e| Error::internal(format!("creating {}", parent.display()), e))?;
+        if !parent.exists() {
+            // Made owner/group-only, so the socket is never reachable by others, not even in
+            // the instant between bind and chmod.
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o750)
+                .create(parent)
+                .map_err(|e| Error::internal(format!("creating {}", parent.display()), e))?;
+        }
     }
     match std::fs::symlink_metadata(path) {
         Ok(meta) => {
@@ -125,9 +132,36 @@ pub async fn serve(opts: ServeOptions, shutdown: impl Future<Output = ()> + Send
         mode = ?opts.mode, version = env!("CARGO_PKG_VERSION"), "serving CSI"
     );
 
-    // Reconcile in the background: Probe answers ready=false until it is done.
+    // Reconcile in the background: Probe answers ready=false until it is done. If it fails
+    // (the store is unreadable), the driver says why and stops, so its supervisor restarts it
+    // instead of a driver that is never ready and never says why.
     let reconciling = Arc::clone(&engine);
-    let reconcile = tokio::task::spawn_blocking(move || reconciling.reconcile());
+    let (failed_tx, failed_rx) = tokio::sync::oneshot::channel::<Error>();
+    tokio::task::spawn_blocking(move || {
+        let started = std::time::Instant::now();
+        match reconciling.reconcile() {
+            Ok(()) => tracing::info!(
+                millis = started.elapsed().as_millis() as u64,
+                "reconciled; ready"
+            ),
+            Err(e) => {
+                tracing::error!(error = %e, "start-up reconciliation failed; stopping");
+                let _ = failed_tx.send(e);
+            }
+        }
+    });
+    let mut reconcile_failed: Option<Error> = None;
+    let shutdown = async {
+        tokio::pin!(shutdown);
+        tokio::select! {
+            () = &mut shutdown => {}
+            failed = failed_rx => match failed {
+                Ok(e) => reconcile_failed = Some(e),
+                // Reconciliation succeeded (the sender is gone): wait for the real signal.
+                Err(_) => shutdown.await,
+            },
+        }
+    };
 
     let driver = Driver::new(Arc::clone(&engine), &opts.driver_name, opts.mode);
     let (stop_accepting, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -165,10 +199,8 @@ pub async fn serve(opts: ServeOptions, shutdown: impl Future<Output = ()> + Send
     };
     let _ = std::fs::remove_file(&path);
     served.map_err(|e| Error::internal("gRPC server", e))?;
-    match reconcile.await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::warn!(error = %e, "start-up reconciliation failed"),
-        Err(e) => tracing::warn!(error = %e, "start-up reconciliation did not finish"),
+    if let Some(e) = reconcile_failed {
+        return Err(e);
     }
     tracing::info!("stopped");
     Ok(())

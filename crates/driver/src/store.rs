@@ -434,6 +434,16 @@ impl Store {
         rows.collect::<rusqlite::Result<_>>().map_err(db_err)
     }
 
+    /// Ids of every volume record, in any state.
+    pub fn volume_ids(&self) -> Result<Vec<String>> {
+        let conn = self.conn();
+        let mut st = conn
+            .prepare_cached("SELECT id FROM volumes")
+            .map_err(db_err)?;
+        let rows = st.query_map([], |r| r.get(0)).map_err(db_err)?;
+        rows.collect::<rusqlite::Result<_>>().map_err(db_err)
+    }
+
     /// Publications of one volume.
     pub fn publications_of(&self, id: &VolumeId) -> Result<Vec<Publication>> {
         let conn = self.conn();

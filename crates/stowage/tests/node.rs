@@ -749,3 +749,82 @@ async fn node_info_and_capabilities() {
     })
     .await
 }
+
+#[tokio::test]
+async fn delete_refuses_a_volume_mounted_anywhere() {
+    if !root_or_skip("delete_refuses_a_volume_mounted_anywhere") {
+        return;
+    }
+    bounded(async {
+        let h = Harness::start(&[]).await;
+        let mut c = h.controller().await;
+        let v = create_volume(&mut c, "bound", 1 << 20).await;
+        let dir = h.pool_volumes().join(&v.volume_id);
+        std::fs::create_dir(dir.join("sub")).unwrap();
+        std::fs::write(dir.join("sub/data"), b"in use").unwrap();
+        // A mount the driver never recorded: a bind of a path inside the volume.
+        let elsewhere = h.dir.path().join("elsewhere");
+        std::fs::create_dir(&elsewhere).unwrap();
+        let bind = |args: &[&std::ffi::OsStr]| {
+            assert!(std::process::Command::new("mount")
+                .args(args)
+                .status()
+                .unwrap()
+                .success())
+        };
+        bind(&[
+            "--bind".as_ref(),
+            dir.join("sub").as_os_str(),
+            elsewhere.as_os_str(),
+        ]);
+        let del = csi::DeleteVolumeRequest {
+            volume_id: v.volume_id.clone(),
+            secrets: HashMap::new(),
+        };
+        let err = c.delete_volume(del.clone()).await.unwrap_err();
+        assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+        assert!(err.message().contains("elsewhere"), "{err:?}");
+        assert_eq!(std::fs::read(elsewhere.join("data")).unwrap(), b"in use");
+        assert!(std::process::Command::new("umount")
+            .arg(&elsewhere)
+            .status()
+            .unwrap()
+            .success());
+        c.delete_volume(del).await.unwrap();
+        assert!(!dir.exists());
+    })
+    .await
+}
+
+#[tokio::test]
+async fn unverifiable_publications_keep_protecting_the_volume() {
+    if !root_or_skip("unverifiable_publications_keep_protecting_the_volume") {
+        return;
+    }
+    bounded(async {
+        let mut h = Harness::start(&[]).await;
+        let mut n = h.node().await;
+        let v = new_volume(&h, "moved").await;
+        stage_and_publish(&mut n, &v).await;
+        assert!(h.stop().success());
+        // Restarted with another kubelet directory: the old publications cannot be checked.
+        let other = h.dir.path().join("kubelet2");
+        std::fs::create_dir_all(&other).unwrap();
+        h.kubelet_arg = other;
+        // An unknown directory in the pool is reported, not touched.
+        std::fs::create_dir(h.pool_volumes().join("restored-by-hand")).unwrap();
+        h.spawn().await;
+        let log = h.log_text();
+        assert!(log.contains("its record is kept"), "{log}");
+        assert!(log.contains("no volume record names"), "{log}");
+        assert!(h.pool_volumes().join("restored-by-hand").is_dir());
+        let mut c = h.controller().await;
+        let del = csi::DeleteVolumeRequest {
+            volume_id: v.id.clone(),
+            secrets: HashMap::new(),
+        };
+        assert_eq!(code(c.delete_volume(del).await), Code::FailedPrecondition);
+        assert!(v.target.join(".").exists());
+    })
+    .await
+}

@@ -3,6 +3,7 @@
 //! Where the kernel or the tools cannot provide project quotas, the test says exactly why it
 //! skipped; the quota logic itself is covered through the syscall seam in stowage-driver.
 
+#[macro_use]
 mod common;
 
 use std::io::Write;
@@ -75,14 +76,14 @@ async fn quota_enforced_on(fs: &str) {
         "mkfs.xfs"
     };
     if Command::new(tool).arg("-V").output().is_err() {
-        eprintln!("SKIPPED ({tool} is not installed; .ci/run installs it): {test}");
+        loud!("SKIPPED ({tool} is not installed; .ci/run installs it): {test}");
         return;
     }
     let dir = tempfile::tempdir().unwrap();
     let lfs = match make_fs(dir.path(), fs) {
         Ok(l) => l,
         Err(why) => {
-            eprintln!("SKIPPED (this kernel cannot mount {fs} with project quotas: {why}): {test}");
+            loud!("SKIPPED (this kernel cannot mount {fs} with project quotas: {why}): {test}");
             return;
         }
     };

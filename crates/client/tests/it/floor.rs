@@ -1,5 +1,13 @@
 //! `stowage bench floor`: runs the syscall loops and leaves no mount and no directory.
 
+/// Prints to the process's real stderr: libtest captures `eprintln!` of passing tests, and a
+/// skip must be seen.
+macro_rules! loud {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
 use stowage_client::bench::{execute, Options};
 
 use crate::{bounded, parse_bench, LIMIT};
@@ -7,7 +15,7 @@ use crate::{bounded, parse_bench, LIMIT};
 #[tokio::test]
 async fn floor_runs_and_leaves_no_mounts() {
     if !rustix::process::geteuid().is_root() {
-        eprintln!("SKIPPED (needs root): floor_runs_and_leaves_no_mounts (bind mount loop)");
+        loud!("SKIPPED (needs root): floor_runs_and_leaves_no_mounts (bind mount loop)");
         return;
     }
     bounded(LIMIT, async {

@@ -4,6 +4,14 @@
 
 #![allow(dead_code)]
 
+/// Prints to the process's real stderr: libtest captures `eprintln!` of passing tests, and a
+/// skip must be seen.
+macro_rules! loud {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -20,7 +28,7 @@ pub fn root_or_skip(test: &str) -> bool {
     if rustix_is_root() {
         true
     } else {
-        eprintln!("SKIPPED (needs root for mounts): {test}");
+        loud!("SKIPPED (needs root for mounts): {test}");
         false
     }
 }
@@ -43,6 +51,8 @@ pub struct Harness {
     pub endpoint: String,
     pub extra_args: Vec<String>,
     pub log: PathBuf,
+    /// What `--kubelet-dir` is given (the harness's kubelet dir unless a test changes it).
+    pub kubelet_arg: PathBuf,
 }
 
 impl Harness {
@@ -56,6 +66,7 @@ impl Harness {
         let endpoint = format!("unix://{}", dir.path().join("csi.sock").display());
         let mut h = Harness {
             log: dir.path().join("driver.log"),
+            kubelet_arg: dir.path().join("kubelet"),
             dir,
             child: None,
             endpoint,
@@ -93,7 +104,7 @@ impl Harness {
             .arg("--node-id")
             .arg("node-a")
             .arg("--kubelet-dir")
-            .arg(self.kubelet())
+            .arg(&self.kubelet_arg)
             .args(&self.extra_args)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())

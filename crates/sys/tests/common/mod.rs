@@ -2,6 +2,14 @@
 //! Each test binary uses a different subset, hence the dead-code allowance.
 #![allow(dead_code)]
 
+/// Prints to the process's real stderr: libtest captures `eprintln!` of passing tests, and a
+/// skip must be seen.
+macro_rules! loud {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -14,7 +22,7 @@ pub fn root_or_skip(test: &str) -> bool {
     if rustix::process::geteuid().is_root() {
         true
     } else {
-        eprintln!("SKIPPED (needs root): {test}");
+        loud!("SKIPPED (needs root): {test}");
         false
     }
 }
@@ -112,7 +120,7 @@ pub fn mount_ext4(dir: &Path, test: &str) -> Option<(PathBuf, MountGuard)> {
         .arg(&image)
         .status();
     if !matches!(mkfs, Ok(s) if s.success()) {
-        eprintln!("SKIPPED (needs mkfs.ext4): {test}");
+        loud!("SKIPPED (needs mkfs.ext4): {test}");
         return None;
     }
     let guard = MountGuard(mnt.clone());
@@ -122,7 +130,7 @@ pub fn mount_ext4(dir: &Path, test: &str) -> Option<(PathBuf, MountGuard)> {
         .arg(&mnt)
         .status();
     if !matches!(mount, Ok(s) if s.success()) {
-        eprintln!("SKIPPED (needs mount -o loop): {test}");
+        loud!("SKIPPED (needs mount -o loop): {test}");
         return None;
     }
     Some((mnt, guard))
