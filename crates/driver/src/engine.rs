@@ -44,6 +44,9 @@ impl Identity {
     }
 }
 
+/// Entries per ListVolumes page when the CO names no max_entries.
+pub const DEFAULT_PAGE_SIZE: u32 = 1000;
+
 /// ListVolumes pagination tokens: `<seq>.<tag>`, the tag a keyed hash of the sequence
 /// number under a key drawn at start (std's randomly keyed SipHash).
 #[derive(Debug, Default)]
@@ -250,7 +253,7 @@ impl Engine {
         csi::Volume {
             capacity_bytes: vol.capacity as i64,
             volume_id: vol.id.to_string(),
-            volume_context: pool.volume_context().into_iter().collect(),
+            volume_context: pool.volume_context().clone(),
             content_source: None,
             accessible_topology: vec![self.identity.topology()],
         }
@@ -430,8 +433,8 @@ impl Engine {
                 )));
             }
         }
-        let context: HashMap<String, String> = pool.volume_context().into_iter().collect();
-        if !req.volume_context.is_empty() && req.volume_context != context {
+        let context = pool.volume_context();
+        if !req.volume_context.is_empty() && &req.volume_context != context {
             return Ok(refuse(format!(
                 "volume_context does not match the one volume {} was created with",
                 vol.id
@@ -498,10 +501,13 @@ impl Engine {
                 ))
             })?,
         };
-        let fetch = req.max_entries.map(|n| n.saturating_add(1));
-        let mut rows = self.store.list_ready(from, fetch)?;
-        let next_token = match req.max_entries {
-            Some(n) if rows.len() > n as usize => rows
+        // Without max_entries the CO sets no limit, but one response holding every volume
+        // could pass the 4 MiB a gRPC client accepts by default: pages stay bounded and
+        // next_token says there is more.
+        let page = req.max_entries.unwrap_or(DEFAULT_PAGE_SIZE);
+        let mut rows = self.store.list_ready(from, Some(page.saturating_add(1)))?;
+        let next_token = match page {
+            n if rows.len() > n as usize => rows
                 .pop()
                 .map(|(v, _)| self.tokens.issue(v.seq))
                 .unwrap_or_default(),

@@ -2,7 +2,7 @@
 //! backend keeps a directory per volume under `<path>/volumes/`, with a project quota where
 //! the filesystem enforces one.
 
-use std::collections::BTreeMap;
+use std::collections::HashMap;
 use std::fmt::Debug;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -14,6 +14,25 @@ use stowage_sys::fs::{self as sysfs, FsSpace};
 use stowage_sys::{Errno, Kernel, QuotaSupport, SysError};
 
 use crate::store::VolumeRecord;
+
+fn volume_context(pool: &str, quota: &QuotaSupport) -> HashMap<String, String> {
+    let mut ctx = HashMap::new();
+    ctx.insert("pool".to_owned(), pool.to_owned());
+    match quota {
+        QuotaSupport::Enforced => {
+            ctx.insert("capacityEnforcement".to_owned(), "quota".to_owned());
+        }
+        QuotaSupport::Unavailable(_) => {
+            ctx.insert("capacityEnforcement".to_owned(), "advisory".to_owned());
+            // The full reason is in the start-up log; a context value is limited to 128 bytes.
+            ctx.insert(
+                "capacityNote".to_owned(),
+                "sizes are not enforced: project quotas are unavailable on this pool".to_owned(),
+            );
+        }
+    }
+    ctx
+}
 
 /// Granule volume sizes are rounded up to.
 pub const SIZE_GRANULE: u64 = 1 << 20;
@@ -48,6 +67,8 @@ pub struct Pool {
     quota: QuotaSupport,
     default_size: u64,
     kernel: Arc<dyn Kernel>,
+    /// Built once: every volume of the pool carries the same context.
+    context: HashMap<String, String>,
 }
 
 fn sys(context: impl std::fmt::Display) -> impl FnOnce(SysError) -> Error {
@@ -84,7 +105,9 @@ impl Pool {
                 "pool capacity is ADVISORY: project quotas unavailable ({why}); volumes can grow past their size"
             ),
         }
+        let context = volume_context(&cfg.name, &quota);
         Ok(Pool {
+            context,
             name: cfg.name.clone(),
             kind: cfg.kind,
             path: cfg.path.clone(),
@@ -137,25 +160,8 @@ impl Pool {
     }
 
     /// What CreateVolume puts into `volume_context`: the pool and how capacity is enforced.
-    pub fn volume_context(&self) -> BTreeMap<String, String> {
-        let mut ctx = BTreeMap::new();
-        ctx.insert("pool".to_owned(), self.name.clone());
-        match &self.quota {
-            QuotaSupport::Enforced => {
-                ctx.insert("capacityEnforcement".to_owned(), "quota".to_owned());
-            }
-            QuotaSupport::Unavailable(_) => {
-                ctx.insert("capacityEnforcement".to_owned(), "advisory".to_owned());
-                // The full reason is in the volume condition and the start-up log; a context
-                // value is limited to 128 bytes.
-                ctx.insert(
-                    "capacityNote".to_owned(),
-                    "sizes are not enforced: project quotas are unavailable on this pool"
-                        .to_owned(),
-                );
-            }
-        }
-        ctx
+    pub fn volume_context(&self) -> &HashMap<String, String> {
+        &self.context
     }
 
     /// Space of the pool's filesystem.
@@ -254,7 +260,10 @@ impl Pool {
     pub fn condition(&self, vol: &VolumeRecord) -> Condition {
         let enforcement = match &self.quota {
             QuotaSupport::Enforced => "capacity enforced by project quota".to_owned(),
-            QuotaSupport::Unavailable(why) => format!("capacity is advisory: {why}"),
+            QuotaSupport::Unavailable(_) => format!(
+                "capacity is advisory: project quotas are unavailable on pool {:?} (the driver's start-up log says why)",
+                self.name
+            ),
         };
         match sysfs::entry_info(self.volumes.as_fd(), vol.id.as_str()) {
             Ok(info) if info.is_dir => Condition {
