@@ -300,11 +300,15 @@ fn rmdir_error(dir: BorrowedFd<'_>, name: &[u8], errno: Errno) -> SysError {
     )
 }
 
+/// How many removed entries between two progress lines of a long removal.
+const PROGRESS_EVERY: u64 = 100_000;
+
 /// Removes `name` in `dir` and everything below it, fd-relative: entries are opened with
 /// `O_NOFOLLOW`, symlinks are unlinked (never followed), and a directory that is the root of
 /// another mount (or on another device) is not descended into: the removal stops with EBUSY
 /// and leaves that mount and its contents intact. An absent `name` is Ok.
 pub fn remove_tree_at(dir: BorrowedFd<'_>, name: &str) -> SysResult<()> {
+    let top = name.to_owned();
     let cname = single_component("remove_tree_at", dir, name)?;
     let base_at = dir_id(&stat_fd(dir).map_err(|e| at_error("statx", dir, b"", e))?);
     let (top_fd, top_at) = match open_for_removal(dir, base_at, &cname)? {
@@ -323,9 +327,14 @@ pub fn remove_tree_at(dir: BorrowedFd<'_>, name: &str) -> SysResult<()> {
             rescans: 0,
         },
     );
+    let mut removed: u64 = 0;
     loop {
         if let Some(entry) = walk.cur.pending.pop() {
             remove_entry(&mut walk, entry)?;
+            removed += 1;
+            if removed % PROGRESS_EVERY == 0 {
+                tracing::info!(removed, tree = %top, "removing a large tree");
+            }
             continue;
         }
         // Everything below the current directory is gone: remove it from its parent.
