@@ -332,7 +332,7 @@ pub fn remove_tree_at(dir: BorrowedFd<'_>, name: &str) -> SysResult<()> {
         if let Some(entry) = walk.cur.pending.pop() {
             remove_entry(&mut walk, entry)?;
             removed += 1;
-            if removed % PROGRESS_EVERY == 0 {
+            if removed.is_multiple_of(PROGRESS_EVERY) {
                 tracing::info!(removed, tree = %top, "removing a large tree");
             }
             continue;
