@@ -692,14 +692,21 @@ impl TryFrom<&csi::NodeUnpublishVolumeRequest> for NodeUnpublish {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeStats {
     pub volume: VolumeRef,
-    pub path: HostPath,
+    /// The volume path, or why it is not a clean absolute path. The check is kept rather than
+    /// answered at once: the spec's error table makes an unknown volume NOT_FOUND, and COs
+    /// probe that with placeholder paths, so the engine answers NOT_FOUND for the volume
+    /// first and INVALID_ARGUMENT for the path after.
+    pub path: std::result::Result<HostPath, Error>,
 }
 
 impl TryFrom<&csi::NodeGetVolumeStatsRequest> for NodeStats {
     type Error = Error;
     fn try_from(req: &csi::NodeGetVolumeStatsRequest) -> Result<Self> {
         let volume = VolumeRef::from_request(&req.volume_id)?;
-        let path = HostPath::parse("volume_path", &req.volume_path)?;
+        if req.volume_path.is_empty() {
+            return Err(Error::invalid("volume_path is required"));
+        }
+        let path = HostPath::parse("volume_path", &req.volume_path);
         if !req.staging_target_path.is_empty() {
             HostPath::parse("staging_target_path", &req.staging_target_path)?;
         }

@@ -579,14 +579,15 @@ impl Engine {
     /// condition.
     pub fn node_stats(&self, req: NodeStats) -> Result<csi::NodeGetVolumeStatsResponse> {
         let (vol, pool) = self.ready_volume(&req.volume)?;
+        let path = req.path?;
         let record = self
             .store
-            .publication_at(req.path.as_str())?
+            .publication_at(path.as_str())?
             .filter(|p| p.volume_id == vol.id)
             .ok_or_else(|| {
                 Error::NotFound(format!(
                     "volume_path {:?} is not a staging or publish path of volume {}",
-                    req.path.as_str(),
+                    path.as_str(),
                     vol.id
                 ))
             })?;
@@ -602,13 +603,13 @@ impl Engine {
             Err(Error::NotFound(m)) => return Ok(abnormal(m)),
             Err(e) => return Err(e),
         };
-        let at = self.locate("volume_path", &req.path)?;
+        let at = self.locate("volume_path", &path)?;
         let mounted = match self.leaf("volume_path", &at)? {
             Leaf::MountRoot { fd, id } if id == inode => fd,
             _ => {
                 return Ok(abnormal(format!(
                     "the volume is not mounted at {:?} any more",
-                    req.path.as_str()
+                    path.as_str()
                 )))
             }
         };

@@ -375,6 +375,18 @@ async fn node_error_codes() {
         let mut r = stats_req(&v, &v.target);
         r.volume_id = "stw-00000000000000000000000000000000".into();
         assert_eq!(code(n.node_get_volume_stats(r).await), Code::NotFound);
+        // An unknown volume is NOT_FOUND even with a placeholder path; a known volume with a
+        // path that is not absolute is INVALID_ARGUMENT.
+        let mut r = stats_req(&v, &v.target);
+        r.volume_id = "some-volume-id".into();
+        r.volume_path = "some/path".into();
+        assert_eq!(code(n.node_get_volume_stats(r).await), Code::NotFound);
+        let mut r = stats_req(&v, &v.target);
+        r.volume_path = "some/path".into();
+        assert_eq!(
+            code(n.node_get_volume_stats(r).await),
+            Code::InvalidArgument
+        );
         let mut r = stats_req(&v, &v.target);
         r.volume_path.clear();
         assert_eq!(
