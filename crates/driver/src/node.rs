@@ -214,47 +214,10 @@ impl Engine {
         Ok(())
     }
 
-    /// Makes the directory at `at` if missing (recording that we made it), refusing anything
-    /// that is not a plain directory or already a mount of something else.
-    fn prepare_mountpoint(
-        &self,
-        field: &str,
-        at: &Located,
-        volume: InodeId,
-        record: &mut Publication,
-    ) -> Result<Option<OwnedFd>> {
-        match self.leaf(field, at)? {
-            Leaf::MountRoot { id, .. } if id == volume => Ok(None),
-            Leaf::MountRoot { .. } => Err(Error::AlreadyExists(format!(
-                "{field} {:?} is already a mount point of something else",
-                at.path.as_str()
-            ))),
-            Leaf::Plain { fd, is_dir: true } => Ok(Some(fd)),
-            Leaf::Plain { .. } => Err(Error::InvalidArgument(format!(
-                "{field} {:?} exists and is not a directory",
-                at.path.as_str()
-            ))),
-            Leaf::Missing => {
-                record.created_dir = true;
-                record.state = PublicationState::Mounting;
-                self.store.put_publication(record)?;
-                match sysfs::mkdir_at(at.parent.as_fd(), &at.name, 0o750) {
-                    Ok(()) => {}
-                    Err(e) if e.errno == Errno::EXIST => {}
-                    Err(e) => return Err(Error::internal(format!("creating {field}"), e)),
-                }
-                match self.leaf(field, at)? {
-                    Leaf::Plain { fd, is_dir: true } => Ok(Some(fd)),
-                    _ => Err(Error::Internal(format!(
-                        "{field} {:?} changed while it was being created",
-                        at.path.as_str()
-                    ))),
-                }
-            }
-        }
-    }
-
-    /// Mounts `source` at the located path unless our mount is already there, and records it.
+    /// Mounts `source` at the located path unless our mount is already there, and records it:
+    /// the intent (`mounting`, and whether the driver makes the directory) before anything
+    /// changes on disk, `mounted` after. Anything at the path that is not a plain directory or
+    /// our own mount is refused.
     fn mount_recorded(
         &self,
         field: &str,
@@ -264,9 +227,46 @@ impl Engine {
         attrs: MountAttrs,
         mut record: Publication,
     ) -> Result<()> {
-        if let Some(target) = self.prepare_mountpoint(field, at, volume, &mut record)? {
-            record.state = PublicationState::Mounting;
-            self.store.put_publication(&record)?;
+        let target = match self.leaf(field, at)? {
+            Leaf::MountRoot { id, .. } if id == volume => None,
+            Leaf::MountRoot { .. } => {
+                return Err(Error::AlreadyExists(format!(
+                    "{field} {:?} is already a mount point of something else",
+                    at.path.as_str()
+                )))
+            }
+            Leaf::Plain { fd, is_dir: true } => {
+                record.state = PublicationState::Mounting;
+                self.store.put_publication(&record)?;
+                Some(fd)
+            }
+            Leaf::Plain { .. } => {
+                return Err(Error::InvalidArgument(format!(
+                    "{field} {:?} exists and is not a directory",
+                    at.path.as_str()
+                )))
+            }
+            Leaf::Missing => {
+                record.created_dir = true;
+                record.state = PublicationState::Mounting;
+                self.store.put_publication(&record)?;
+                match sysfs::mkdir_at(at.parent.as_fd(), &at.name, 0o750) {
+                    Ok(()) => {}
+                    Err(e) if e.errno == Errno::EXIST => {}
+                    Err(e) => return Err(Error::internal(format!("creating {field}"), e)),
+                }
+                match self.leaf(field, at)? {
+                    Leaf::Plain { fd, is_dir: true } => Some(fd),
+                    _ => {
+                        return Err(Error::Internal(format!(
+                            "{field} {:?} changed while it was being created",
+                            at.path.as_str()
+                        )))
+                    }
+                }
+            }
+        };
+        if let Some(target) = target {
             self.kernel
                 .bind_mount(source.as_fd(), target.as_fd(), attrs)
                 .map_err(|e| {
