@@ -437,6 +437,37 @@ pub(super) fn capability_set<I: IntoIterator<Item = Option<i32>>>(types: I) -> B
     types.into_iter().flatten().collect()
 }
 
+/// What every workload asks first: the plugin's name and version, and its controller
+/// capabilities (empty for a node-only plugin, which answers UNIMPLEMENTED). The error names
+/// the call that failed.
+pub(super) async fn plugin_profile(
+    channel: &Channel,
+    t: Duration,
+) -> Result<(csi::GetPluginInfoResponse, BTreeSet<i32>), (&'static str, Status)> {
+    let info = unary(
+        t,
+        IdentityClient::new(channel.clone())
+            .get_plugin_info(request(csi::GetPluginInfoRequest {}, t)),
+    )
+    .await
+    .map_err(|s| ("GetPluginInfo", s))?;
+    let caps = match unary(
+        t,
+        ControllerClient::new(channel.clone())
+            .controller_get_capabilities(request(csi::ControllerGetCapabilitiesRequest {}, t)),
+    )
+    .await
+    {
+        Ok(r) => capability_set(r.capabilities.iter().map(|c| {
+            c.r#type
+                .map(|controller_service_capability::Type::Rpc(r)| r.r#type)
+        })),
+        Err(s) if s.code() == Code::Unimplemented => BTreeSet::new(),
+        Err(s) => return Err(("ControllerGetCapabilities", s)),
+    };
+    Ok((info, caps))
+}
+
 pub(super) async fn run(
     args: &BenchArgs,
     secrets: Secrets,
@@ -475,30 +506,9 @@ pub(super) async fn run(
         let _ = writeln!(err, "error: {call}: {}", describe_status(s, &secrets));
         exit::from_grpc(s.code())
     };
-    let info = match unary(
-        t,
-        IdentityClient::new(first.clone())
-            .get_plugin_info(request(csi::GetPluginInfoRequest {}, t)),
-    )
-    .await
-    {
-        Ok(i) => i,
-        Err(s) => return fail(err, "GetPluginInfo", &s),
-    };
-    // A node-only plugin answers UNIMPLEMENTED: that simply means no controller capabilities.
-    let controller_caps = match unary(
-        t,
-        ControllerClient::new(first.clone())
-            .controller_get_capabilities(request(csi::ControllerGetCapabilitiesRequest {}, t)),
-    )
-    .await
-    {
-        Ok(r) => capability_set(r.capabilities.iter().map(|c| {
-            c.r#type
-                .map(|controller_service_capability::Type::Rpc(r)| r.r#type)
-        })),
-        Err(s) if s.code() == Code::Unimplemented => BTreeSet::new(),
-        Err(s) => return fail(err, "ControllerGetCapabilities", &s),
+    let (info, controller_caps) = match plugin_profile(&first, t).await {
+        Ok(profile) => profile,
+        Err((call, s)) => return fail(err, call, &s),
     };
     let node_caps = if matches!(args.workload, Workload::PublishUnpublish | Workload::Mixed) {
         match unary(

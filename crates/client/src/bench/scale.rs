@@ -28,16 +28,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
+use stowage_csi::v1 as csi;
 use stowage_csi::v1::controller_client::ControllerClient;
 use stowage_csi::v1::controller_service_capability::rpc::Type as ControllerCap;
-use stowage_csi::v1::identity_client::IdentityClient;
 use stowage_csi::v1::volume_capability::{AccessMode, AccessType, MountVolume};
-use stowage_csi::v1::{self as csi, controller_service_capability};
 use tonic::transport::Channel;
-use tonic::Code;
 
 use super::cancel::CancelToken;
-use super::driver::{capability_set, cleanup_volume, retry, rss_sample, DriverInfo, Env};
+use super::driver::{cleanup_volume, plugin_profile, retry, rss_sample, DriverInfo, Env};
 use super::progress::Progress;
 use super::registry::{Created, Registry};
 use super::rss::read_peak_rss;
@@ -475,29 +473,9 @@ pub(super) async fn run(
         let _ = writeln!(err, "error: {call}: {}", describe_status(s, &secrets));
         exit::from_grpc(s.code())
     };
-    let info = match unary(
-        t,
-        IdentityClient::new(channel.clone())
-            .get_plugin_info(request(csi::GetPluginInfoRequest {}, t)),
-    )
-    .await
-    {
-        Ok(i) => i,
-        Err(s) => return fail(err, "GetPluginInfo", &s),
-    };
-    let caps = match unary(
-        t,
-        ControllerClient::new(channel.clone())
-            .controller_get_capabilities(request(csi::ControllerGetCapabilitiesRequest {}, t)),
-    )
-    .await
-    {
-        Ok(r) => capability_set(r.capabilities.iter().map(|c| {
-            c.r#type
-                .map(|controller_service_capability::Type::Rpc(r)| r.r#type)
-        })),
-        Err(s) if s.code() == Code::Unimplemented => Default::default(),
-        Err(s) => return fail(err, "ControllerGetCapabilities", &s),
+    let (info, caps) = match plugin_profile(&channel, t).await {
+        Ok(profile) => profile,
+        Err((call, s)) => return fail(err, call, &s),
     };
     if !caps.contains(&(ControllerCap::CreateDeleteVolume as i32)) {
         let _ = writeln!(
