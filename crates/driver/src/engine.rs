@@ -351,7 +351,9 @@ impl Engine {
                 })?
             }
         };
+        crate::crash::point("create-after-intent");
         pool.create(&vol)?;
+        crate::crash::point("create-after-backend");
         self.store.set_volume_state(&vol.id, VolumeState::Ready)?;
         Ok(self.to_volume(&vol, &pool))
     }
@@ -389,7 +391,9 @@ impl Engine {
         if vol.state != VolumeState::Deleting {
             self.store.set_volume_state(&id, VolumeState::Deleting)?;
         }
+        crate::crash::point("delete-after-intent");
         pool.delete(&vol)?;
+        crate::crash::point("delete-after-backend");
         self.store.remove_volume(&id)
     }
 

@@ -250,6 +250,7 @@ impl Engine {
                 record.created_dir = true;
                 record.state = PublicationState::Mounting;
                 self.store.put_publication(&record)?;
+                crate::crash::point("mount-after-intent");
                 match sysfs::mkdir_at(at.parent.as_fd(), &at.name, 0o750) {
                     Ok(()) => {}
                     Err(e) if e.errno == Errno::EXIST => {}
@@ -272,6 +273,7 @@ impl Engine {
                 .map_err(|e| {
                     Error::internal(format!("mounting at {field} {:?}", at.path.as_str()), e)
                 })?;
+            crate::crash::point("mount-after-mount");
         }
         record.state = PublicationState::Mounted;
         self.store.put_publication(&record)
@@ -291,6 +293,7 @@ impl Engine {
             r.state = PublicationState::Unmounting;
             self.store.put_publication(&r)?;
         }
+        crate::crash::point("unmount-after-intent");
         for _ in 0..MAX_STACKED_MOUNTS {
             match self.leaf(field, at)? {
                 Leaf::MountRoot { fd, id } if Some(id) == volume => {
@@ -329,6 +332,7 @@ impl Engine {
                 )));
             }
         }
+        crate::crash::point("unmount-after-unmount");
         if record.is_some_and(|r| r.created_dir) {
             match sysfs::rmdir_at(at.parent.as_fd(), &at.name) {
                 Ok(()) => {}

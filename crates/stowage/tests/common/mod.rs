@@ -53,6 +53,8 @@ pub struct Harness {
     pub log: PathBuf,
     /// What `--kubelet-dir` is given (the harness's kubelet dir unless a test changes it).
     pub kubelet_arg: PathBuf,
+    /// Extra environment of the next spawn (e.g. a crash point).
+    pub env: Vec<(String, String)>,
 }
 
 impl Harness {
@@ -67,6 +69,7 @@ impl Harness {
         let mut h = Harness {
             log: dir.path().join("driver.log"),
             kubelet_arg: dir.path().join("kubelet"),
+            env: Vec::new(),
             dir,
             child: None,
             endpoint,
@@ -107,6 +110,7 @@ impl Harness {
             .arg(&self.kubelet_arg)
             .args(&self.extra_args)
             .env("RUST_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -190,6 +194,25 @@ impl Harness {
             if Instant::now() > deadline {
                 let _ = child.kill();
                 panic!("driver did not stop on SIGTERM within 20 s");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Waits (bounded) for the process to die by itself, as at a crash point; returns whether
+    /// it was killed by a signal (abort), not a normal exit.
+    pub fn await_crash(&mut self) -> bool {
+        use std::os::unix::process::ExitStatusExt;
+        let mut child = self.child.take().expect("running");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status.signal().is_some();
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("the driver did not reach its crash point within 20 s");
             }
             std::thread::sleep(Duration::from_millis(10));
         }
