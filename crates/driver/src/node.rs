@@ -24,7 +24,7 @@ use tonic::{Request, Response, Status};
 
 use crate::engine::Engine;
 use crate::pool::Pool;
-use crate::service::{Cost, Driver, Service};
+use crate::service::{quiet, Cost, Driver, Service};
 use crate::store::{Publication, PublicationKind, PublicationState, VolumeRecord};
 
 /// How many stacked mounts of ours unpublish removes from one path before giving up.
@@ -801,6 +801,7 @@ impl csi::node_server::Node for Driver {
         _req: Request<csi::NodeExpandVolumeRequest>,
     ) -> Result<Response<csi::NodeExpandVolumeResponse>, Status> {
         self.serves(Service::Node)?;
+        tracing::info!(rpc = "NodeExpandVolume", outcome = "Unimplemented");
         Err(Error::Unimplemented(
             "NodeExpandVolume is not offered by stowage (see NodeGetCapabilities)".into(),
         )
@@ -812,6 +813,7 @@ impl csi::node_server::Node for Driver {
         _req: Request<csi::NodeGetCapabilitiesRequest>,
     ) -> Result<Response<csi::NodeGetCapabilitiesResponse>, Status> {
         self.serves(Service::Node)?;
+        quiet("NodeGetCapabilities");
         let capabilities = [
             NodeCap::StageUnstageVolume,
             NodeCap::GetVolumeStats,
@@ -835,6 +837,7 @@ impl csi::node_server::Node for Driver {
         _req: Request<csi::NodeGetInfoRequest>,
     ) -> Result<Response<csi::NodeGetInfoResponse>, Status> {
         self.serves(Service::Node)?;
+        quiet("NodeGetInfo");
         let engine: &Arc<Engine> = &self.engine;
         let identity = engine.identity();
         Ok(Response::new(csi::NodeGetInfoResponse {

@@ -165,6 +165,7 @@ impl csi::identity_server::Identity for Driver {
         &self,
         _req: Request<csi::GetPluginInfoRequest>,
     ) -> Result<Response<csi::GetPluginInfoResponse>, Status> {
+        quiet("GetPluginInfo");
         Ok(Response::new(csi::GetPluginInfoResponse {
             name: self.name.to_string(),
             vendor_version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -176,6 +177,7 @@ impl csi::identity_server::Identity for Driver {
         &self,
         _req: Request<csi::GetPluginCapabilitiesRequest>,
     ) -> Result<Response<csi::GetPluginCapabilitiesResponse>, Status> {
+        quiet("GetPluginCapabilities");
         let service = |t: PluginService| csi::PluginCapability {
             r#type: Some(csi::plugin_capability::Type::Service(
                 csi::plugin_capability::Service { r#type: t as i32 },
@@ -194,15 +196,22 @@ impl csi::identity_server::Identity for Driver {
         &self,
         _req: Request<csi::ProbeRequest>,
     ) -> Result<Response<csi::ProbeResponse>, Status> {
-        // Probe is polled by liveness checks: it is answered without a log line.
+        quiet("Probe");
         Ok(Response::new(csi::ProbeResponse {
             ready: Some(self.engine.is_ready()),
         }))
     }
 }
 
-fn unimplemented<T>(driver: &Driver, rpc: &str) -> Result<Response<T>, Status> {
+/// Logs an identity or capability call at debug level: the sidecars poll these (Probe every
+/// few seconds), and at info they would drown the calls that change something.
+pub(crate) fn quiet(rpc: &'static str) {
+    tracing::debug!(rpc, outcome = "OK");
+}
+
+fn unimplemented<T>(driver: &Driver, rpc: &'static str) -> Result<Response<T>, Status> {
     driver.serves(Service::Controller)?;
+    tracing::info!(rpc, outcome = "Unimplemented");
     Err(Error::Unimplemented(format!(
         "{rpc} is not offered by stowage (see ControllerGetCapabilities)"
     ))
@@ -316,6 +325,7 @@ impl csi::controller_server::Controller for Driver {
         _req: Request<csi::ControllerGetCapabilitiesRequest>,
     ) -> Result<Response<csi::ControllerGetCapabilitiesResponse>, Status> {
         self.serves(Service::Controller)?;
+        quiet("ControllerGetCapabilities");
         let capabilities = [
             CtrlCap::CreateDeleteVolume,
             CtrlCap::ListVolumes,
