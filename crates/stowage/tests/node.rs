@@ -840,3 +840,33 @@ async fn unverifiable_publications_keep_protecting_the_volume() {
     })
     .await
 }
+
+#[tokio::test]
+async fn directories_the_co_made_are_used_and_left_to_it() {
+    if !root_or_skip("directories_the_co_made_are_used_and_left_to_it") {
+        return;
+    }
+    bounded(async {
+        let h = Harness::start(&[]).await;
+        let mut n = h.node().await;
+        let v = new_volume(&h, "co-dirs").await;
+        // The CO made both directories itself (as csi-sanity's defaults do).
+        std::fs::create_dir_all(&v.staging).unwrap();
+        std::fs::create_dir_all(&v.target).unwrap();
+        stage_and_publish(&mut n, &v).await;
+        assert_eq!(mount_count(&v.target), 1);
+        n.node_unpublish_volume(unpublish_req(&v)).await.unwrap();
+        n.node_unstage_volume(unstage_req(&v)).await.unwrap();
+        assert!(mounts_under(h.dir.path()).is_empty());
+        assert!(
+            v.target.is_dir() && v.staging.is_dir(),
+            "the driver removed directories it did not make"
+        );
+        // A target the driver makes, it removes.
+        std::fs::remove_dir(&v.target).unwrap();
+        stage_and_publish(&mut n, &v).await;
+        n.node_unpublish_volume(unpublish_req(&v)).await.unwrap();
+        assert!(!v.target.exists());
+    })
+    .await
+}
