@@ -173,8 +173,45 @@ impl Engine {
             }
         }
         self.reconcile_publications()?;
+        self.enforce_quotas_on_old_volumes()?;
         self.report_orphans()?;
         self.ready.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// A pool whose quotas were switched on after some of its volumes were created: give those
+    /// volumes their project and limit now, and say that what they already hold is not charged.
+    fn enforce_quotas_on_old_volumes(&self) -> Result<()> {
+        if !self
+            .pools
+            .values()
+            .any(|p| *p.quota() == stowage_sys::QuotaSupport::Enforced)
+        {
+            return Ok(());
+        }
+        let mut from = 0;
+        loop {
+            let page = self.store.list_ready(from, Some(DEFAULT_PAGE_SIZE))?;
+            let Some(last) = page.last().map(|(v, _)| v.seq) else {
+                break;
+            };
+            for (vol, _) in &page {
+                let Some(pool) = self.pools.get(&vol.pool) else {
+                    continue;
+                };
+                match pool.ensure_quota(vol) {
+                    Ok(false) => {}
+                    Ok(true) => tracing::warn!(
+                        volume = %vol.id, pool = %vol.pool,
+                        "volume predates project quotas on its pool: limit set now; files written before are not charged to it"
+                    ),
+                    Err(e) => {
+                        tracing::warn!(volume = %vol.id, error = %e, "could not put the volume under its quota")
+                    }
+                }
+            }
+            from = last + 1;
+        }
         Ok(())
     }
 
@@ -692,6 +729,61 @@ mod tests {
             PageTokens::default().open(&token),
             None,
             "a token from another instance"
+        );
+    }
+
+    #[test]
+    fn volumes_from_an_advisory_past_get_their_quota_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let kernel = Arc::new(FakeKernel::new());
+        let e = engine(dir.path(), kernel.clone());
+        let v = e.create_volume(create("old")).unwrap();
+        drop(e);
+        // The same pool, now with quotas on, over the same store.
+        kernel.set_quota_support(QuotaSupport::Enforced);
+        let cfg = PoolConfig {
+            name: "default".into(),
+            kind: PoolKind::Dir,
+            path: dir.path().join("pool"),
+            default_size: None,
+        };
+        let pool = Pool::open(&cfg, kernel.clone()).unwrap();
+        let identity = Identity {
+            node_id: "n1".into(),
+            topology_key: "k".into(),
+        };
+        let store = Store::open_in_memory().unwrap();
+        let id = VolumeId::parse(&v.volume_id).unwrap();
+        let rec = store
+            .insert_volume(&crate::store::NewVolume {
+                id: &id,
+                name: "old",
+                pool: "default",
+                capacity: v.capacity_bytes as u64,
+                block: false,
+                pvc_name: None,
+                pvc_namespace: None,
+                pv_name: None,
+            })
+            .unwrap();
+        store.set_volume_state(&id, VolumeState::Ready).unwrap();
+        let e = Engine::new(store, vec![pool], identity, kernel.clone()).unwrap();
+        kernel.clear();
+        e.reconcile().unwrap();
+        assert_eq!(
+            kernel.limit(rec.project_id()),
+            Some(v.capacity_bytes as u64)
+        );
+        // Once set, a restart changes nothing.
+        kernel.clear();
+        e.reconcile().unwrap();
+        assert!(
+            !kernel
+                .calls()
+                .iter()
+                .any(|c| matches!(c, KernelCall::SetProjectLimit { .. })),
+            "{:?}",
+            kernel.calls()
         );
     }
 

@@ -195,6 +195,32 @@ impl Pool {
         Ok(())
     }
 
+    /// Where quotas are enforced, makes sure a volume carries its project id and limit: a
+    /// volume created while the pool was advisory has neither. Returns whether it had to set
+    /// them (files written before keep project 0 and are not charged; the caller says so).
+    pub fn ensure_quota(&self, vol: &VolumeRecord) -> Result<bool> {
+        if self.quota != QuotaSupport::Enforced {
+            return Ok(false);
+        }
+        let id = vol.id.as_str();
+        let dir = self.open_volume(&vol.id)?;
+        let project = vol.project_id();
+        let current = self
+            .kernel
+            .project_id(dir.as_fd())
+            .map_err(sys(format!("reading the project of volume {id}")))?;
+        if current == project {
+            return Ok(false);
+        }
+        self.kernel
+            .set_project_id(dir.as_fd(), project)
+            .map_err(sys(format!("setting project {project} on volume {id}")))?;
+        self.kernel
+            .set_project_limit(self.volumes.as_fd(), project, vol.capacity)
+            .map_err(sys(format!("limiting project {project} of volume {id}")))?;
+        Ok(true)
+    }
+
     /// Removes the volume's tree fd-relative, never following a link nor entering another
     /// mount, then lifts its quota. Absent is not an error.
     pub fn delete(&self, vol: &VolumeRecord) -> Result<()> {
