@@ -437,6 +437,18 @@ pub(super) fn capability_set<I: IntoIterator<Item = Option<i32>>>(types: I) -> B
     types.into_iter().flatten().collect()
 }
 
+/// The mount capability every workload uses: the access mode asked for and the filesystem
+/// type, if any (empty lets the driver choose).
+pub(super) fn mount_capability(mode: i32, fs_type: Option<&str>) -> csi::VolumeCapability {
+    csi::VolumeCapability {
+        access_mode: Some(AccessMode { mode }),
+        access_type: Some(AccessType::Mount(MountVolume {
+            fs_type: fs_type.unwrap_or_default().to_owned(),
+            ..Default::default()
+        })),
+    }
+}
+
 /// What every workload asks first: the plugin's name and version, and its controller
 /// capabilities (empty for a node-only plugin, which answers UNIMPLEMENTED). The error names
 /// the call that failed.
@@ -560,15 +572,7 @@ pub(super) async fn run(
         secrets: secrets.clone(),
         params: kv_map(&args.params),
         snapshot_params: kv_map(&args.snapshot_params),
-        capability: csi::VolumeCapability {
-            access_mode: Some(AccessMode {
-                mode: args.access_mode.mode() as i32,
-            }),
-            access_type: Some(AccessType::Mount(MountVolume {
-                fs_type: args.fs_type.clone().unwrap_or_default(),
-                ..Default::default()
-            })),
-        },
+        capability: mount_capability(args.access_mode.mode() as i32, args.fs_type.as_deref()),
         size: args.size,
         prefix: format!("bench-{tag}-"),
         target_dir: args

@@ -31,11 +31,12 @@ use serde::Serialize;
 use stowage_csi::v1 as csi;
 use stowage_csi::v1::controller_client::ControllerClient;
 use stowage_csi::v1::controller_service_capability::rpc::Type as ControllerCap;
-use stowage_csi::v1::volume_capability::{AccessMode, AccessType, MountVolume};
 use tonic::transport::Channel;
 
 use super::cancel::CancelToken;
-use super::driver::{cleanup_volume, plugin_profile, retry, rss_sample, DriverInfo, Env};
+use super::driver::{
+    cleanup_volume, mount_capability, plugin_profile, retry, rss_sample, DriverInfo, Env,
+};
 use super::progress::Progress;
 use super::registry::{Created, Registry};
 use super::rss::read_peak_rss;
@@ -501,15 +502,7 @@ pub(super) async fn run(
         secrets: secrets.clone(),
         params: kv_map(&args.params),
         snapshot_params: Default::default(),
-        capability: csi::VolumeCapability {
-            access_mode: Some(AccessMode {
-                mode: args.access_mode.mode() as i32,
-            }),
-            access_type: Some(AccessType::Mount(MountVolume {
-                fs_type: args.fs_type.clone().unwrap_or_default(),
-                ..Default::default()
-            })),
-        },
+        capability: mount_capability(args.access_mode.mode() as i32, args.fs_type.as_deref()),
         size: args.size,
         prefix: format!("bench-scale-{tag}-"),
         // Scale creates no directories.
