@@ -294,6 +294,8 @@ impl Engine {
             self.store.put_publication(&r)?;
         }
         crate::crash::point("unmount-after-intent");
+        // Each round unmounts one of our mounts; the loop ends when none is left on top.
+        let mut cleared = false;
         for _ in 0..MAX_STACKED_MOUNTS {
             match self.leaf(field, at)? {
                 Leaf::MountRoot { fd, id } if Some(id) == volume => {
@@ -303,7 +305,10 @@ impl Engine {
                     drop(fd);
                     match self.kernel.unmount(at.path.as_path()) {
                         Ok(()) => {}
-                        Err(e) if e.errno == Errno::INVAL => break,
+                        Err(e) if e.errno == Errno::INVAL => {
+                            cleared = true;
+                            break;
+                        }
                         Err(e) => {
                             return Err(Error::internal(
                                 format!("unmounting {field} {:?}", at.path.as_str()),
@@ -319,18 +324,20 @@ impl Engine {
                             at.path.as_str()
                         )));
                     }
+                    cleared = true;
                     break;
                 }
-                Leaf::Plain { .. } | Leaf::Missing => break,
+                Leaf::Plain { .. } | Leaf::Missing => {
+                    cleared = true;
+                    break;
+                }
             }
         }
-        if let Leaf::MountRoot { id, .. } = self.leaf(field, at)? {
-            if Some(id) == volume {
-                return Err(Error::Internal(format!(
-                    "{field} {:?} still has more than {MAX_STACKED_MOUNTS} mounts of the volume",
-                    at.path.as_str()
-                )));
-            }
+        if !cleared {
+            return Err(Error::Internal(format!(
+                "{field} {:?} still has more than {MAX_STACKED_MOUNTS} mounts of the volume",
+                at.path.as_str()
+            )));
         }
         crate::crash::point("unmount-after-unmount");
         if record.is_some_and(|r| r.created_dir) {
@@ -397,13 +404,14 @@ impl Engine {
 
     /// NodeUnstageVolume: unmount the staging path. Not staged there is OK.
     pub fn node_unstage(&self, req: NodeUnstage) -> Result<()> {
-        let id = self.known_volume(&req.volume)?;
-        let _guard = self.claim(&id)?;
+        let vol = self.known_volume(&req.volume)?;
+        let id = &vol.id;
+        let _guard = self.claim(id)?;
         let record = self
             .store
             .publication_at(req.staging.as_str())?
-            .filter(|p| p.volume_id == id && p.kind == PublicationKind::Stage);
-        let publications = self.store.publications_of(&id)?;
+            .filter(|p| p.volume_id == *id && p.kind == PublicationKind::Stage);
+        let publications = self.store.publications_of(id)?;
         let users: Vec<&str> = publications
             .iter()
             .filter(|p| p.staging_path.as_deref() == Some(req.staging.as_str()))
@@ -421,7 +429,7 @@ impl Engine {
         else {
             return Ok(());
         };
-        let inode = self.volume_inode_if_present(&id)?;
+        let inode = self.inode_of(&vol)?;
         self.unmount_recorded("staging_target_path", &at, inode, record.as_ref())
     }
 
@@ -522,16 +530,17 @@ impl Engine {
     /// NodeUnpublishVolume: unmount the target and remove the directory if we made it. Not
     /// published there is OK.
     pub fn node_unpublish(&self, req: NodeUnpublish) -> Result<()> {
-        let id = self.known_volume(&req.volume)?;
-        let _guard = self.claim(&id)?;
+        let vol = self.known_volume(&req.volume)?;
+        let id = &vol.id;
+        let _guard = self.claim(id)?;
         let record = self
             .store
             .publication_at(req.target.as_str())?
-            .filter(|p| p.volume_id == id && p.kind == PublicationKind::Publish);
+            .filter(|p| p.volume_id == *id && p.kind == PublicationKind::Publish);
         let Some(at) = self.locate_existing("target_path", &req.target, record.as_ref())? else {
             return Ok(());
         };
-        let inode = self.volume_inode_if_present(&id)?;
+        let inode = self.inode_of(&vol)?;
         self.unmount_recorded("target_path", &at, inode, record.as_ref())
     }
 
@@ -556,23 +565,27 @@ impl Engine {
     }
 
     /// A volume id the store knows (in any state), or NOT_FOUND.
-    fn known_volume(&self, volume: &VolumeRef) -> Result<VolumeId> {
+    fn known_volume(&self, volume: &VolumeRef) -> Result<VolumeRecord> {
         let id = volume.require()?;
+        self.store
+            .volume_by_id(id)?
+            .ok_or_else(|| not_found(id.as_str()))
+    }
+
+    /// The inode of a volume's directory, or None when it (or its record) is gone.
+    fn volume_inode_if_present(&self, id: &VolumeId) -> Result<Option<InodeId>> {
         match self.store.volume_by_id(id)? {
-            Some(v) => Ok(v.id),
-            None => Err(not_found(id.as_str())),
+            Some(vol) => self.inode_of(&vol),
+            None => Ok(None),
         }
     }
 
-    /// The inode of a volume's directory, or None when it is gone.
-    fn volume_inode_if_present(&self, id: &VolumeId) -> Result<Option<InodeId>> {
-        let Some(vol) = self.store.volume_by_id(id)? else {
-            return Ok(None);
-        };
+    /// The inode of a recorded volume's directory, or None when the directory is gone.
+    fn inode_of(&self, vol: &VolumeRecord) -> Result<Option<InodeId>> {
         let Some(pool) = self.pools.get(&vol.pool) else {
             return Ok(None);
         };
-        match self.volume_inode(pool, id) {
+        match self.volume_inode(pool, &vol.id) {
             Ok((_, inode)) => Ok(Some(inode)),
             Err(Error::NotFound(_)) => Ok(None),
             Err(e) => Err(e),
