@@ -5,6 +5,7 @@
 //! per-volume guard → [`engine::Engine`] (store + pool + kernel) → one error mapping.
 
 pub mod crash;
+pub mod durable;
 pub mod engine;
 pub mod guard;
 pub mod node;

@@ -1,16 +1,22 @@
-//! The metadata store: one SQLite file (WAL, every commit fsync'd) holding volumes and
-//! publications. It is the truth for what volumes exist; the kernel is the truth for mounts.
+//! The metadata store: one SQLite file (WAL) holding volumes and publications. It is the truth
+//! for what volumes exist; the kernel is the truth for mounts.
 //!
 //! Every backend action is bracketed by two commits: the record is written in `creating` or
 //! `deleting` state first, and finished after, so start-up reconciliation can complete or undo
-//! whatever a crash interrupted.
+//! whatever a crash interrupted. Intents are durable before the call that wrote them goes on:
+//! commits land in the WAL without their own fsync, and an intent then waits for a group
+//! commit ([`crate::durable::GroupSync`]) — one fdatasync of the WAL for every intent written
+//! while the previous one ran. Completions and publications ride along with the next flush.
 
+use std::fs::File;
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use rusqlite::{params, Connection, OptionalExtension, Row};
 use stowage_core::{Error, Result, VolumeId};
+
+use crate::durable::GroupSync;
 
 /// Project ids handed to the kernel are this plus the volume's sequence number, which
 /// SQLite's AUTOINCREMENT never reuses, so a project id never names two volumes.
@@ -196,6 +202,9 @@ pub struct Publication {
 #[derive(Debug)]
 pub struct Store {
     conn: Mutex<Connection>,
+    /// The WAL file, flushed by group commits; `None` for an in-memory store.
+    wal: Option<File>,
+    group: GroupSync,
 }
 
 fn db_err(e: rusqlite::Error) -> Error {
@@ -264,23 +273,58 @@ const PUBLICATION_COLUMNS: &str =
     "path, volume_id, kind, state, read_only, access_mode, flags, created_dir, staging_path";
 
 impl Store {
-    /// Opens (creating if needed) the database at `path`: WAL journal, `synchronous=FULL` so
-    /// every commit is durable when it returns, and the schema at its current version.
+    /// Opens (creating if needed) the database at `path`: WAL journal, commits written to
+    /// the WAL and flushed by group commit (see [`Store::commit_durably`]), and the schema at
+    /// its current version.
     pub fn open(path: &Path) -> Result<Self> {
         let conn = Connection::open(path)
             .map_err(|e| Error::internal(format!("opening {}", path.display()), e))?;
-        Self::init(conn)
+        let conn = Self::init(conn)?;
+        // SQLite keeps the WAL file (same inode) while a connection is open; a checkpoint
+        // rewinds it, it is never replaced. fdatasync through our own descriptor flushes what
+        // SQLite wrote through its own.
+        let mut wal_path = path.as_os_str().to_owned();
+        wal_path.push("-wal");
+        let wal = File::open(&wal_path).map_err(|e| {
+            Error::internal(
+                format!(
+                    "opening the write-ahead log {}",
+                    Path::new(&wal_path).display()
+                ),
+                e,
+            )
+        })?;
+        // The WAL may have just been created: make its directory entry durable once.
+        let dir = path.parent().filter(|p| !p.as_os_str().is_empty());
+        File::open(dir.unwrap_or(Path::new(".")))
+            .and_then(|d| d.sync_all())
+            .map_err(|e| Error::internal("syncing the state directory", e))?;
+        let store = Store {
+            conn: Mutex::new(conn),
+            wal: Some(wal),
+            group: GroupSync::default(),
+        };
+        // Whatever a previous run left unflushed, and the schema, are durable from here on.
+        store.group.note_write();
+        store.flush()?;
+        Ok(store)
     }
 
     /// An in-memory store, for unit tests.
     pub fn open_in_memory() -> Result<Self> {
-        Self::init(Connection::open_in_memory().map_err(db_err)?)
+        Ok(Store {
+            conn: Mutex::new(Self::init(Connection::open_in_memory().map_err(db_err)?)?),
+            wal: None,
+            group: GroupSync::default(),
+        })
     }
 
-    fn init(conn: Connection) -> Result<Self> {
+    fn init(conn: Connection) -> Result<Connection> {
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(db_err)?;
-        conn.pragma_update(None, "synchronous", "FULL")
+        // NORMAL: a commit is written to the WAL (atomic, survives a crash of the process)
+        // but not fsync'd; intents are made durable by group commit instead.
+        conn.pragma_update(None, "synchronous", "NORMAL")
             .map_err(db_err)?;
         conn.pragma_update(None, "foreign_keys", "ON")
             .map_err(db_err)?;
@@ -303,9 +347,7 @@ impl Store {
                 )))
             }
         }
-        Ok(Store {
-            conn: Mutex::new(conn),
-        })
+        Ok(conn)
     }
 
     fn conn(&self) -> MutexGuard<'_, Connection> {
@@ -315,25 +357,54 @@ impl Store {
     }
 
     /// Runs `f` with commits that are atomic and survive a crash of the process (the WAL is in
-    /// the page cache) but are not fsync'd; the next durable commit makes them durable too,
+    /// the page cache) but are not fsync'd; the next group commit makes them durable too,
     /// since the WAL is written in order. Used only where losing the write to a power cut is
     /// harmless because start-up reconciliation re-derives it: the completion of an intent
     /// whose durable record already exists, and publications (mounts do not survive a power
     /// cut either).
     fn relaxed<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T> {
         let conn = self.conn();
-        conn.pragma_update(None, "synchronous", "NORMAL")
-            .map_err(db_err)?;
-        let out = f(&conn);
-        let restored = conn.pragma_update(None, "synchronous", "FULL");
-        let out = out.map_err(db_err)?;
-        restored.map_err(db_err)?;
+        let out = f(&conn).map_err(db_err)?;
+        self.group.note_write();
         Ok(out)
     }
 
-    /// Records a new volume in `creating` state.
+    /// Runs `f` (one autocommitted statement) and returns once its commit is durable. The
+    /// fdatasync is shared: every intent committed while another caller's flush was running
+    /// is covered by the next single flush.
+    fn commit_durably<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T> {
+        let (out, ticket) = {
+            let conn = self.conn();
+            let out = f(&conn).map_err(db_err)?;
+            // Noted under the connection lock, so tickets follow the order of the WAL.
+            (out, self.group.note_write())
+        };
+        self.group.wait(ticket, || self.sync_wal())?;
+        Ok(out)
+    }
+
+    /// Makes every commit so far durable (on shutdown, and after open).
+    pub fn flush(&self) -> Result<()> {
+        self.group.flush_all(|| self.sync_wal())
+    }
+
+    /// Group commits run so far.
+    pub fn flushes(&self) -> u64 {
+        self.group.flushes()
+    }
+
+    fn sync_wal(&self) -> Result<()> {
+        match &self.wal {
+            Some(wal) => wal
+                .sync_data()
+                .map_err(|e| Error::internal("flushing the metadata store's write-ahead log", e)),
+            None => Ok(()),
+        }
+    }
+
+    /// Records a new volume in `creating` state; durable when this returns.
     pub fn insert_volume(&self, v: &NewVolume<'_>) -> Result<VolumeRecord> {
-        let conn = self.conn();
+        self.commit_durably(|conn| {
         conn.prepare_cached(&format!(
             "INSERT INTO volumes (id, name, pool, capacity, state, block, pvc_name, pvc_namespace, pv_name, created_at)
              VALUES (?1, ?2, ?3, ?4, 'creating', ?5, ?6, ?7, ?8, ?9) RETURNING {VOLUME_COLUMNS}"
@@ -354,7 +425,7 @@ impl Store {
                 volume_from_row,
             )
         })
-        .map_err(db_err)
+        })
     }
 
     /// The volume with this CO name, in any state.
@@ -387,9 +458,7 @@ impl Store {
         };
         match state {
             VolumeState::Ready => self.relaxed(update)?,
-            VolumeState::Creating | VolumeState::Deleting => {
-                update(&self.conn()).map_err(db_err)?
-            }
+            VolumeState::Creating | VolumeState::Deleting => self.commit_durably(update)?,
         };
         Ok(())
     }
@@ -607,6 +676,49 @@ mod tests {
         assert_eq!(store.publications_of(&ids[1]).unwrap().len(), 1);
         store.remove_publication("/t").unwrap();
         assert!(store.publication_at("/t").unwrap().is_none());
+    }
+
+    /// Intents wait for a flush of the WAL; completions and publications do not, they are
+    /// made durable by the next intent's flush.
+    #[test]
+    fn intents_are_flushed_and_completions_ride_along() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("meta.db")).unwrap();
+        let base = store.flushes();
+        let id = VolumeId::generate();
+        store.insert_volume(&new(&id, "a")).unwrap();
+        assert_eq!(store.flushes(), base + 1, "creating intent flushed");
+        store.set_volume_state(&id, VolumeState::Ready).unwrap();
+        store
+            .put_publication(&Publication {
+                path: "/t".into(),
+                volume_id: id.clone(),
+                kind: PublicationKind::Stage,
+                state: PublicationState::Mounted,
+                read_only: false,
+                access_mode: 1,
+                flags: String::new(),
+                created_dir: false,
+                staging_path: None,
+            })
+            .unwrap();
+        store.remove_publication("/t").unwrap();
+        assert_eq!(
+            store.flushes(),
+            base + 1,
+            "completions are not flushed alone"
+        );
+        store.set_volume_state(&id, VolumeState::Deleting).unwrap();
+        assert_eq!(store.flushes(), base + 2, "deleting intent flushed");
+        store.remove_volume(&id).unwrap();
+        store.flush().unwrap();
+        assert_eq!(
+            store.flushes(),
+            base + 3,
+            "an explicit flush covers the removal"
+        );
+        store.flush().unwrap();
+        assert_eq!(store.flushes(), base + 3, "nothing left to flush");
     }
 
     #[test]
