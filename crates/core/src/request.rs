@@ -528,6 +528,90 @@ impl TryFrom<&csi::ControllerGetVolumeRequest> for GetVolume {
     }
 }
 
+/// A validated ControllerExpandVolume. The spec makes `capacity_range` required; a request
+/// that names no size at all is INVALID_ARGUMENT.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControllerExpand {
+    pub volume: VolumeRef,
+    pub capacity: CapacityRange,
+    /// The capability the volume is used with, when the CO says (block or mount).
+    pub capability: Option<Capability>,
+}
+
+impl TryFrom<&csi::ControllerExpandVolumeRequest> for ControllerExpand {
+    type Error = Error;
+    fn try_from(req: &csi::ControllerExpandVolumeRequest) -> Result<Self> {
+        let volume = VolumeRef::from_request(&req.volume_id)?;
+        let capacity = expansion_range(req.capacity_range.as_ref())?;
+        let capability = req
+            .volume_capability
+            .as_ref()
+            .map(|c| capability_required(Some(c)))
+            .transpose()?;
+        Ok(ControllerExpand {
+            volume,
+            capacity,
+            capability,
+        })
+    }
+}
+
+/// A validated NodeExpandVolume. `volume_path` is where the volume is published or staged;
+/// whether the volume is there is the node engine's question (NOT_FOUND if not).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeExpand {
+    pub volume: VolumeRef,
+    pub path: HostPath,
+    pub staging: Option<HostPath>,
+    /// The size the CO asks for; None: grow to whatever the controller step gave the volume.
+    pub capacity: Option<CapacityRange>,
+    pub capability: Option<Capability>,
+}
+
+impl TryFrom<&csi::NodeExpandVolumeRequest> for NodeExpand {
+    type Error = Error;
+    fn try_from(req: &csi::NodeExpandVolumeRequest) -> Result<Self> {
+        let volume = VolumeRef::from_request(&req.volume_id)?;
+        let path = HostPath::parse("volume_path", &req.volume_path)?;
+        let staging = (!req.staging_target_path.is_empty())
+            .then(|| HostPath::parse("staging_target_path", &req.staging_target_path))
+            .transpose()?;
+        let capacity = req
+            .capacity_range
+            .as_ref()
+            .map(|r| expansion_range(Some(r)))
+            .transpose()?;
+        let capability = req
+            .volume_capability
+            .as_ref()
+            .map(|c| capability_required(Some(c)))
+            .transpose()?;
+        Ok(NodeExpand {
+            volume,
+            path,
+            staging,
+            capacity,
+            capability,
+        })
+    }
+}
+
+/// The capacity range of an expansion: present and naming a size.
+fn expansion_range(r: Option<&csi::CapacityRange>) -> Result<CapacityRange> {
+    let Some(wire) = r else {
+        return Err(Error::invalid(
+            "capacity_range is required to expand a volume",
+        ));
+    };
+    let range = CapacityRange::from_wire(Some(wire))?;
+    if range.required == 0 && range.limit.is_none() {
+        return Err(Error::invalid(
+            "capacity_range names no size: set required_bytes or limit_bytes",
+        ));
+    }
+    Ok(range)
+}
+
 /// The longest host path accepted in a node request.
 pub const MAX_PATH_BYTES: usize = 4096;
 
@@ -740,6 +824,63 @@ mod tests {
 
     fn code_of<T: std::fmt::Debug>(r: Result<T>) -> tonic::Code {
         r.map(|_| tonic::Code::Ok).unwrap_or_else(|e| e.code())
+    }
+
+    #[test]
+    fn expand_validation_table() {
+        use tonic::Code::*;
+        let id = "stw-0123456789abcdef0123456789abcdef";
+        let range = |required: i64, limit: i64| {
+            Some(csi::CapacityRange {
+                required_bytes: required,
+                limit_bytes: limit,
+            })
+        };
+        let controller = |volume_id: &str, capacity_range| csi::ControllerExpandVolumeRequest {
+            volume_id: volume_id.into(),
+            capacity_range,
+            ..Default::default()
+        };
+        let cases = [
+            ("plain", controller(id, range(1 << 30, 0)), Ok),
+            ("limit only", controller(id, range(0, 1 << 30)), Ok),
+            ("no id", controller("", range(1 << 30, 0)), InvalidArgument),
+            ("no range", controller(id, None), InvalidArgument),
+            ("empty range", controller(id, range(0, 0)), InvalidArgument),
+            ("negative", controller(id, range(-1, 0)), InvalidArgument),
+            (
+                "limit below required",
+                controller(id, range(2 << 30, 1 << 30)),
+                OutOfRange,
+            ),
+        ];
+        for (what, req, want) in cases {
+            assert_eq!(code_of(ControllerExpand::try_from(&req)), want, "{what}");
+        }
+        let node = |volume_path: &str, capacity_range| csi::NodeExpandVolumeRequest {
+            volume_id: id.into(),
+            volume_path: volume_path.into(),
+            capacity_range,
+            ..Default::default()
+        };
+        let cases = [
+            (
+                "plain",
+                node("/var/lib/kubelet/pods/x", range(1 << 30, 0)),
+                Ok,
+            ),
+            ("no range", node("/var/lib/kubelet/pods/x", None), Ok),
+            ("no path", node("", None), InvalidArgument),
+            ("nul in path", node("/a\0b", None), InvalidArgument),
+            (
+                "empty range",
+                node("/var/lib/kubelet/pods/x", range(0, 0)),
+                InvalidArgument,
+            ),
+        ];
+        for (what, req, want) in cases {
+            assert_eq!(code_of(NodeExpand::try_from(&req)), want, "{what}");
+        }
     }
 
     #[test]
