@@ -447,7 +447,7 @@ async fn paths_where_the_volume_is_not() {
             ("dot-dot", format!("{}/../mount", show(&v.target))),
             (
                 "dot",
-                format!("{}/./mount", show(&v.target.parent().unwrap())),
+                format!("{}/./mount", show(v.target.parent().unwrap())),
             ),
             ("root", "/".into()),
             ("outside the kubelet dir", show(&outside)),
