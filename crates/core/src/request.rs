@@ -615,6 +615,63 @@ fn expansion_range(r: Option<&csi::CapacityRange>) -> Result<CapacityRange> {
 /// The longest host path accepted in a node request.
 pub const MAX_PATH_BYTES: usize = 4096;
 
+/// What makes a path field malformed whatever it is used for: empty, longer than
+/// [`MAX_PATH_BYTES`], or containing a NUL.
+fn check_path_string(field: &str, s: &str) -> Result<()> {
+    if s.is_empty() {
+        return Err(Error::InvalidArgument(format!("{field} is required")));
+    }
+    if s.len() > MAX_PATH_BYTES || s.contains('\0') {
+        return Err(Error::InvalidArgument(format!(
+            "{field} is longer than {MAX_PATH_BYTES} bytes or contains a NUL"
+        )));
+    }
+    Ok(())
+}
+
+/// A path from a request that names where a volume already is (NodeUnstageVolume,
+/// NodeUnpublishVolume, NodeGetVolumeStats), as opposed to where it is to be mounted.
+///
+/// Only a malformed string (empty, too long, with a NUL) is INVALID_ARGUMENT. Any other
+/// string is a question the driver can answer: stowage stages and publishes only at clean
+/// absolute paths, so a relative path, or one with `.` or `..`, is simply a place where the
+/// volume is not — NOT_FOUND for NodeGetVolumeStats, OK for the unstage and unpublish calls,
+/// as the spec's error tables and idempotency rules say.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExistingPath {
+    /// A clean absolute path; the engine looks it up.
+    Host(HostPath),
+    /// A well-formed string that cannot be a staging or target path of stowage's.
+    Nowhere {
+        /// The path as given.
+        path: String,
+        /// Why it cannot be one (the path rule it breaks).
+        why: String,
+    },
+}
+
+impl ExistingPath {
+    /// Validates `field` of a request.
+    pub fn parse(field: &str, s: &str) -> Result<Self> {
+        check_path_string(field, s)?;
+        Ok(match HostPath::parse(field, s) {
+            Ok(p) => ExistingPath::Host(p),
+            Err(e) => ExistingPath::Nowhere {
+                path: s.to_owned(),
+                why: e.to_string(),
+            },
+        })
+    }
+
+    /// The path as given (normalised when it is a clean absolute path).
+    pub fn as_str(&self) -> &str {
+        match self {
+            ExistingPath::Host(p) => p.as_str(),
+            ExistingPath::Nowhere { path, .. } => path,
+        }
+    }
+}
+
 /// An absolute host path from a node request: absolute, normalised (no `.`, `..` or empty
 /// components), no NUL. Whether it lies under an allowed kubelet directory, and whether any
 /// component is a symlink, is checked by the node engine.
@@ -625,14 +682,7 @@ impl HostPath {
     /// Validates `field` of a request.
     pub fn parse(field: &str, s: &str) -> Result<Self> {
         use std::path::{Component, Path};
-        if s.is_empty() {
-            return Err(Error::InvalidArgument(format!("{field} is required")));
-        }
-        if s.len() > MAX_PATH_BYTES || s.contains('\0') {
-            return Err(Error::InvalidArgument(format!(
-                "{field} is longer than {MAX_PATH_BYTES} bytes or contains a NUL"
-            )));
-        }
+        check_path_string(field, s)?;
         let path = Path::new(s);
         if !path.is_absolute() {
             return Err(Error::InvalidArgument(format!(
@@ -707,7 +757,7 @@ impl TryFrom<&csi::NodeStageVolumeRequest> for NodeStage {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeUnstage {
     pub volume: VolumeRef,
-    pub staging: HostPath,
+    pub staging: ExistingPath,
 }
 
 impl TryFrom<&csi::NodeUnstageVolumeRequest> for NodeUnstage {
@@ -715,7 +765,7 @@ impl TryFrom<&csi::NodeUnstageVolumeRequest> for NodeUnstage {
     fn try_from(req: &csi::NodeUnstageVolumeRequest) -> Result<Self> {
         Ok(NodeUnstage {
             volume: VolumeRef::from_request(&req.volume_id)?,
-            staging: HostPath::parse("staging_target_path", &req.staging_target_path)?,
+            staging: ExistingPath::parse("staging_target_path", &req.staging_target_path)?,
         })
     }
 }
@@ -759,7 +809,7 @@ impl TryFrom<&csi::NodePublishVolumeRequest> for NodePublish {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeUnpublish {
     pub volume: VolumeRef,
-    pub target: HostPath,
+    pub target: ExistingPath,
 }
 
 impl TryFrom<&csi::NodeUnpublishVolumeRequest> for NodeUnpublish {
@@ -767,7 +817,7 @@ impl TryFrom<&csi::NodeUnpublishVolumeRequest> for NodeUnpublish {
     fn try_from(req: &csi::NodeUnpublishVolumeRequest) -> Result<Self> {
         Ok(NodeUnpublish {
             volume: VolumeRef::from_request(&req.volume_id)?,
-            target: HostPath::parse("target_path", &req.target_path)?,
+            target: ExistingPath::parse("target_path", &req.target_path)?,
         })
     }
 }
@@ -776,23 +826,20 @@ impl TryFrom<&csi::NodeUnpublishVolumeRequest> for NodeUnpublish {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeStats {
     pub volume: VolumeRef,
-    /// The volume path, or why it is not a clean absolute path. The check is kept rather than
-    /// answered at once: the spec's error table makes an unknown volume NOT_FOUND, and COs
-    /// probe that with placeholder paths, so the engine answers NOT_FOUND for the volume
-    /// first and INVALID_ARGUMENT for the path after.
-    pub path: std::result::Result<HostPath, Error>,
+    /// Where the CO says the volume is staged or published; the engine answers NOT_FOUND
+    /// when it is not there, whatever the path looks like.
+    pub path: ExistingPath,
 }
 
 impl TryFrom<&csi::NodeGetVolumeStatsRequest> for NodeStats {
     type Error = Error;
     fn try_from(req: &csi::NodeGetVolumeStatsRequest) -> Result<Self> {
         let volume = VolumeRef::from_request(&req.volume_id)?;
-        if req.volume_path.is_empty() {
-            return Err(Error::invalid("volume_path is required"));
-        }
-        let path = HostPath::parse("volume_path", &req.volume_path);
+        let path = ExistingPath::parse("volume_path", &req.volume_path)?;
+        // Optional and only a hint: stowage knows from its records where a volume is staged.
+        // Like volume_path, it is refused only when malformed.
         if !req.staging_target_path.is_empty() {
-            HostPath::parse("staging_target_path", &req.staging_target_path)?;
+            ExistingPath::parse("staging_target_path", &req.staging_target_path)?;
         }
         Ok(NodeStats { volume, path })
     }
@@ -1011,6 +1058,104 @@ mod tests {
             );
         }
         assert_eq!(HostPath::parse("p", "/a//b/").unwrap().as_str(), "/a/b");
+    }
+
+    /// Paths naming where a volume already is: malformed strings are INVALID_ARGUMENT, every
+    /// other string is either a clean absolute path to look up or a place nothing of ours can
+    /// be — in NodeGetVolumeStats, NodeUnpublishVolume and NodeUnstageVolume alike.
+    #[test]
+    fn existing_paths_table() {
+        enum Want {
+            Malformed,
+            Host(&'static str),
+            Nowhere,
+        }
+        let long = format!("/{}", "a".repeat(MAX_PATH_BYTES));
+        let longest = format!("/{}", "a".repeat(MAX_PATH_BYTES - 1));
+        let cases: Vec<(&str, Want)> = vec![
+            ("", Want::Malformed),
+            ("/a\0b", Want::Malformed),
+            ("\0", Want::Malformed),
+            (&long, Want::Malformed),
+            (&longest, Want::Host("")),
+            (
+                "/var/lib/kubelet/pods/x/mount",
+                Want::Host("/var/lib/kubelet/pods/x/mount"),
+            ),
+            ("/a//b/", Want::Host("/a/b")),
+            (
+                "/outside/any/kubelet/dir",
+                Want::Host("/outside/any/kubelet/dir"),
+            ),
+            ("some/path", Want::Nowhere),
+            ("relative", Want::Nowhere),
+            ("./a", Want::Nowhere),
+            ("/a/../b", Want::Nowhere),
+            ("/a/./b", Want::Nowhere),
+            ("/", Want::Nowhere),
+            (" ", Want::Nowhere),
+        ];
+        for (input, want) in &cases {
+            let stats = NodeStats::try_from(&csi::NodeGetVolumeStatsRequest {
+                volume_id: "stw-00000000000000000000000000000001".into(),
+                volume_path: (*input).to_owned(),
+                staging_target_path: String::new(),
+            })
+            .map(|r| r.path);
+            let unpublish = NodeUnpublish::try_from(&csi::NodeUnpublishVolumeRequest {
+                volume_id: "stw-00000000000000000000000000000001".into(),
+                target_path: (*input).to_owned(),
+            })
+            .map(|r| r.target);
+            let unstage = NodeUnstage::try_from(&csi::NodeUnstageVolumeRequest {
+                volume_id: "stw-00000000000000000000000000000001".into(),
+                staging_target_path: (*input).to_owned(),
+            })
+            .map(|r| r.staging);
+            for (rpc, got) in [
+                ("NodeGetVolumeStats", stats),
+                ("NodeUnpublishVolume", unpublish),
+                ("NodeUnstageVolume", unstage),
+            ] {
+                let shown = &input[..input.len().min(40)];
+                match (want, got) {
+                    (Want::Malformed, Err(e)) => {
+                        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{rpc} {shown:?}")
+                    }
+                    (Want::Host(""), Ok(ExistingPath::Host(_))) => {}
+                    (Want::Host(p), Ok(ExistingPath::Host(h))) => {
+                        assert_eq!(h.as_str(), *p, "{rpc} {shown:?}")
+                    }
+                    (Want::Nowhere, Ok(ExistingPath::Nowhere { path, why })) => {
+                        assert_eq!(path, *input, "{rpc}");
+                        assert!(!why.is_empty(), "{rpc} {shown:?}");
+                    }
+                    (_, got) => panic!("{rpc} {shown:?}: unexpected {got:?}"),
+                }
+            }
+        }
+        // The optional staging_target_path of NodeGetVolumeStats is refused only when
+        // malformed too.
+        let with_staging = |staging: &str| {
+            NodeStats::try_from(&csi::NodeGetVolumeStatsRequest {
+                volume_id: "stw-00000000000000000000000000000001".into(),
+                volume_path: "/k/pods/x/mount".into(),
+                staging_target_path: staging.into(),
+            })
+        };
+        assert!(with_staging("").is_ok());
+        assert!(with_staging("some/staging").is_ok());
+        assert_eq!(code_of(with_staging("/a\0b")), tonic::Code::InvalidArgument);
+        // A missing volume id is still INVALID_ARGUMENT, before any path question.
+        let no_id = csi::NodeGetVolumeStatsRequest {
+            volume_id: String::new(),
+            volume_path: "some/path".into(),
+            staging_target_path: String::new(),
+        };
+        assert_eq!(
+            code_of(NodeStats::try_from(&no_id)),
+            tonic::Code::InvalidArgument
+        );
     }
 
     #[test]

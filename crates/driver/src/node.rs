@@ -12,8 +12,8 @@ use std::sync::Arc;
 
 use stowage_core::ids::{not_found, VolumeRef};
 use stowage_core::request::{
-    Access, AccessMode, Capability, HostPath, MountFlag, NodePublish, NodeStage, NodeStats,
-    NodeUnpublish, NodeUnstage,
+    Access, AccessMode, Capability, ExistingPath, HostPath, MountFlag, NodePublish, NodeStage,
+    NodeStats, NodeUnpublish, NodeUnstage,
 };
 use stowage_core::{Error, Result, VolumeId};
 use stowage_csi::v1 as csi;
@@ -297,7 +297,18 @@ impl Engine {
         // Each round unmounts one of our mounts; the loop ends when none is left on top.
         let mut cleared = false;
         for _ in 0..MAX_STACKED_MOUNTS {
-            match self.leaf(field, at)? {
+            let leaf = match self.leaf(field, at) {
+                Ok(leaf) => leaf,
+                // Without a record the call only makes sure no mount of ours is left at the
+                // path. A leaf that cannot be resolved safely (a symlink) is not a mount
+                // point of ours: stowage never mounts there, and nothing is followed.
+                Err(Error::InvalidArgument(_)) if record.is_none() => {
+                    cleared = true;
+                    break;
+                }
+                Err(e) => return Err(e),
+            };
+            match leaf {
                 Leaf::MountRoot { fd, id } if Some(id) == volume => {
                     // The fd pins the mount (an unmount would be EBUSY while it is open):
                     // close it, then unmount by the path just checked, never following a
@@ -408,8 +419,7 @@ impl Engine {
         let id = &vol.id;
         let _guard = self.claim(id)?;
         let record = self
-            .store
-            .publication_at(req.staging.as_str())?
+            .recorded_at(&req.staging)?
             .filter(|p| p.volume_id == *id && p.kind == PublicationKind::Stage);
         let publications = self.store.publications_of(id)?;
         let users: Vec<&str> = publications
@@ -425,7 +435,7 @@ impl Engine {
             )));
         }
         let Some(at) =
-            self.locate_existing("staging_target_path", &req.staging, record.as_ref())?
+            self.locate_for_removal("staging_target_path", &req.staging, record.as_ref())?
         else {
             return Ok(());
         };
@@ -534,24 +544,41 @@ impl Engine {
         let id = &vol.id;
         let _guard = self.claim(id)?;
         let record = self
-            .store
-            .publication_at(req.target.as_str())?
+            .recorded_at(&req.target)?
             .filter(|p| p.volume_id == *id && p.kind == PublicationKind::Publish);
-        let Some(at) = self.locate_existing("target_path", &req.target, record.as_ref())? else {
+        let Some(at) = self.locate_for_removal("target_path", &req.target, record.as_ref())? else {
             return Ok(());
         };
         let inode = self.inode_of(&vol)?;
         self.unmount_recorded("target_path", &at, inode, record.as_ref())
     }
 
-    /// Locates a path to unmount: when its parent directory is gone nothing can be mounted
-    /// there, so the record (if any) is dropped and `None` says there is nothing to do.
-    fn locate_existing(
+    /// The publication recorded at a path, if any. Records are only ever made at clean
+    /// absolute paths, so any other path has none.
+    fn recorded_at(&self, path: &ExistingPath) -> Result<Option<Publication>> {
+        match path {
+            ExistingPath::Host(p) => self.store.publication_at(p.as_str()),
+            ExistingPath::Nowhere { .. } => Ok(None),
+        }
+    }
+
+    /// Locates a path to unmount; `None` says there is nothing to do there.
+    ///
+    /// When its parent directory is gone nothing can be mounted there, so the record (if any)
+    /// is dropped. Without a record, a path stowage could never have mounted at (not a clean
+    /// absolute path, outside the kubelet directories, through a symlink) holds nothing of
+    /// this volume: the spec's answer for "not staged/published there" is OK. With a record,
+    /// a path that cannot be checked stays an error and the record stays, so that
+    /// DeleteVolume keeps refusing a volume that may still be mounted.
+    fn locate_for_removal(
         &self,
         field: &str,
-        path: &HostPath,
+        path: &ExistingPath,
         record: Option<&Publication>,
     ) -> Result<Option<Located>> {
+        let ExistingPath::Host(path) = path else {
+            return Ok(None);
+        };
         match self.locate(field, path) {
             Ok(at) => Ok(Some(at)),
             Err(Error::NotFound(_)) => {
@@ -560,6 +587,7 @@ impl Engine {
                 }
                 Ok(None)
             }
+            Err(Error::InvalidArgument(_)) if record.is_none() => Ok(None),
             Err(e) => Err(e),
         }
     }
@@ -596,7 +624,18 @@ impl Engine {
     /// condition.
     pub fn node_stats(&self, req: NodeStats) -> Result<csi::NodeGetVolumeStatsResponse> {
         let (vol, pool) = self.ready_volume(&req.volume)?;
-        let path = req.path?;
+        // A path where this volume is not staged or published is NOT_FOUND (the spec's "volume
+        // does not exist at the specified path"), whatever its shape: relative, outside the
+        // kubelet directories, or a directory that does not exist.
+        let path = match req.path {
+            ExistingPath::Host(path) => path,
+            ExistingPath::Nowhere { path, why } => {
+                return Err(Error::NotFound(format!(
+                    "volume {} is not staged or published at volume_path {path:?}: {why}",
+                    vol.id
+                )))
+            }
+        };
         let record = self
             .store
             .publication_at(path.as_str())?

@@ -375,18 +375,16 @@ async fn node_error_codes() {
         let mut r = stats_req(&v, &v.target);
         r.volume_id = "stw-00000000000000000000000000000000".into();
         assert_eq!(code(n.node_get_volume_stats(r).await), Code::NotFound);
-        // An unknown volume is NOT_FOUND even with a placeholder path; a known volume with a
-        // path that is not absolute is INVALID_ARGUMENT.
+        // An unknown volume is NOT_FOUND even with a placeholder path, and so is a known
+        // volume at a path that is not absolute (the paths_where_the_volume_is_not test has
+        // the whole table).
         let mut r = stats_req(&v, &v.target);
         r.volume_id = "some-volume-id".into();
         r.volume_path = "some/path".into();
         assert_eq!(code(n.node_get_volume_stats(r).await), Code::NotFound);
         let mut r = stats_req(&v, &v.target);
         r.volume_path = "some/path".into();
-        assert_eq!(
-            code(n.node_get_volume_stats(r).await),
-            Code::InvalidArgument
-        );
+        assert_eq!(code(n.node_get_volume_stats(r).await), Code::NotFound);
         let mut r = stats_req(&v, &v.target);
         r.volume_path.clear();
         assert_eq!(
@@ -414,6 +412,159 @@ async fn node_error_codes() {
         let mut got = mounts_under(h.dir.path());
         got.sort();
         assert_eq!(got, expected);
+    })
+    .await
+}
+
+/// Where a volume is not staged or published, whatever the path looks like: NodeGetVolumeStats
+/// answers NOT_FOUND, NodeUnpublishVolume and NodeUnstageVolume answer OK and touch nothing.
+/// Only a malformed path (empty, NUL, too long) is INVALID_ARGUMENT.
+#[tokio::test]
+async fn paths_where_the_volume_is_not() {
+    if !root_or_skip("paths_where_the_volume_is_not") {
+        return;
+    }
+    bounded(async {
+        let h = Harness::start(&[]).await;
+        let mut n = h.node().await;
+        let v = new_volume(&h, "here").await;
+        let w = new_volume(&h, "there").await;
+        stage_and_publish(&mut n, &v).await;
+        stage_and_publish(&mut n, &w).await;
+        let outside = h.dir.path().join("outside");
+        std::fs::create_dir_all(&outside).unwrap();
+        let plain = h.kubelet().join("pods/plain-dir");
+        std::fs::create_dir_all(&plain).unwrap();
+        let too_long = format!("/{}", "a".repeat(5000));
+        let show = |p: &Path| p.display().to_string();
+
+        let nowhere: Vec<(&str, String)> = vec![
+            ("relative", "some/path".into()),
+            (
+                "relative to the kubelet dir",
+                "pods/uid-here/volumes/mount".into(),
+            ),
+            ("dot-dot", format!("{}/../mount", show(&v.target))),
+            (
+                "dot",
+                format!("{}/./mount", show(v.target.parent().unwrap())),
+            ),
+            ("root", "/".into()),
+            ("outside the kubelet dir", show(&outside)),
+            (
+                "outside, does not exist",
+                show(&outside.join("none/at/all")),
+            ),
+            ("missing parent", show(&h.kubelet().join("pods/none/mount"))),
+            (
+                "missing leaf",
+                show(&h.kubelet().join("pods/plain-dir/mount")),
+            ),
+            ("a plain directory", show(&plain)),
+            ("the kubelet dir", show(&h.kubelet())),
+            ("another volume's target", show(&w.target)),
+            ("another volume's staging path", show(&w.staging)),
+            ("below the target", show(&v.target.join("sub"))),
+        ];
+        let malformed: Vec<(&str, String)> = vec![
+            ("empty", String::new()),
+            ("NUL", format!("{}\0x", show(&v.target))),
+            ("too long", too_long),
+        ];
+        for (what, path) in &nowhere {
+            let mut r = stats_req(&v, &v.target);
+            r.volume_path = path.clone();
+            assert_eq!(
+                code(n.node_get_volume_stats(r).await),
+                Code::NotFound,
+                "stats at {what}"
+            );
+            let mut r = unpublish_req(&v);
+            r.target_path = path.clone();
+            assert_eq!(
+                code(n.node_unpublish_volume(r).await),
+                Code::Ok,
+                "unpublish at {what}"
+            );
+            let mut r = unstage_req(&v);
+            r.staging_target_path = path.clone();
+            assert_eq!(
+                code(n.node_unstage_volume(r).await),
+                Code::Ok,
+                "unstage at {what}"
+            );
+        }
+        for (what, path) in &malformed {
+            let mut r = stats_req(&v, &v.target);
+            r.volume_path = path.clone();
+            assert_eq!(
+                code(n.node_get_volume_stats(r).await),
+                Code::InvalidArgument,
+                "stats at {what}"
+            );
+            let mut r = unpublish_req(&v);
+            r.target_path = path.clone();
+            assert_eq!(
+                code(n.node_unpublish_volume(r).await),
+                Code::InvalidArgument,
+                "unpublish at {what}"
+            );
+            let mut r = unstage_req(&v);
+            r.staging_target_path = path.clone();
+            assert_eq!(
+                code(n.node_unstage_volume(r).await),
+                Code::InvalidArgument,
+                "unstage at {what}"
+            );
+        }
+        // The optional staging_target_path of NodeGetVolumeStats is a hint: any well-formed
+        // value is accepted, a malformed one is not.
+        let mut r = stats_req(&v, &v.target);
+        r.staging_target_path = "some/staging/path".into();
+        assert_eq!(code(n.node_get_volume_stats(r).await), Code::Ok);
+        let mut r = stats_req(&v, &v.target);
+        r.staging_target_path = "a\0b".into();
+        assert_eq!(
+            code(n.node_get_volume_stats(r).await),
+            Code::InvalidArgument
+        );
+        // An unknown volume is NOT_FOUND before any path question.
+        for (what, path) in nowhere.iter().take(1).chain(&nowhere[5..6]) {
+            let mut r = stats_req(&v, &v.target);
+            r.volume_id = "stw-00000000000000000000000000000000".into();
+            r.volume_path = path.clone();
+            assert_eq!(
+                code(n.node_get_volume_stats(r).await),
+                Code::NotFound,
+                "unknown volume, stats at {what}"
+            );
+            let r = csi::NodeUnpublishVolumeRequest {
+                volume_id: "stw-00000000000000000000000000000000".into(),
+                target_path: path.clone(),
+            };
+            assert_eq!(
+                code(n.node_unpublish_volume(r).await),
+                Code::NotFound,
+                "unknown volume, unpublish at {what}"
+            );
+        }
+
+        // Where the volume is, stats answer; none of the calls above unmounted or removed
+        // anything.
+        for p in [&v.target, &v.staging] {
+            n.node_get_volume_stats(stats_req(&v, p)).await.unwrap();
+        }
+        let mut expected = vec![
+            v.staging.clone(),
+            v.target.clone(),
+            w.staging.clone(),
+            w.target.clone(),
+        ];
+        expected.sort();
+        let mut got = mounts_under(h.dir.path());
+        got.sort();
+        assert_eq!(got, expected);
+        assert!(plain.is_dir() && outside.is_dir());
     })
     .await
 }
@@ -582,11 +733,20 @@ async fn symlinked_paths_are_refused_and_nothing_is_mounted() {
         let mut r = publish_req(&v, mount_cap(Mode::SingleNodeWriter), false);
         r.target_path = linked_parent.join("mount").display().to_string();
         assert_eq!(code(n.node_publish_volume(r).await), Code::InvalidArgument);
-        // Unpublish through a symlink never unmounts what it points at.
+        // Unpublish through a symlink never unmounts what it points at. Nothing was
+        // published there (the publish was refused), so the spec's answer is OK.
         assert_eq!(
             code(n.node_unpublish_volume(unpublish_req(&v)).await),
-            Code::InvalidArgument
+            Code::Ok
         );
+        let mut r = unpublish_req(&v);
+        r.target_path = linked_parent.join("mount").display().to_string();
+        assert_eq!(code(n.node_unpublish_volume(r).await), Code::Ok);
+        // Unstage through a symlinked parent does not reach the real staging mount either.
+        let mut r = unstage_req(&v);
+        r.staging_target_path = linked_parent.join("globalmount").display().to_string();
+        assert_eq!(code(n.node_unstage_volume(r).await), Code::Ok);
+        assert!(v.target.is_symlink(), "the symlink was left as it was");
 
         assert_eq!(mounts_under(h.dir.path()), vec![v.staging.clone()]);
         assert_eq!(
