@@ -158,9 +158,11 @@ impl Engine {
             };
             let outcome = match vol.state {
                 VolumeState::Creating => pool
+                    .backend()
                     .create(&vol)
                     .and_then(|()| self.store.set_volume_state(&vol.id, VolumeState::Ready)),
                 VolumeState::Deleting => pool
+                    .backend()
                     .delete(&vol)
                     .and_then(|()| self.store.remove_volume(&vol.id)),
                 VolumeState::Ready => Ok(()),
@@ -182,11 +184,7 @@ impl Engine {
     /// A pool whose quotas were switched on after some of its volumes were created: give those
     /// volumes their project and limit now, and say that what they already hold is not charged.
     fn enforce_quotas_on_old_volumes(&self) -> Result<()> {
-        if !self
-            .pools
-            .values()
-            .any(|p| *p.quota() == stowage_sys::QuotaSupport::Enforced)
-        {
+        if !self.pools.values().any(|p| p.backend().enforces_capacity()) {
             return Ok(());
         }
         let mut from = 0;
@@ -199,7 +197,7 @@ impl Engine {
                 let Some(pool) = self.pools.get(&vol.pool) else {
                     continue;
                 };
-                match pool.ensure_quota(vol) {
+                match pool.backend().ensure_limit(vol) {
                     Ok(false) => {}
                     Ok(true) => tracing::warn!(
                         volume = %vol.id, pool = %vol.pool,
@@ -222,6 +220,7 @@ impl Engine {
             self.store.volume_ids()?.into_iter().collect();
         for pool in self.pools.values() {
             let orphans: Vec<String> = pool
+                .backend()
                 .entry_names()?
                 .into_iter()
                 .filter(|name| !known.contains(name))
@@ -256,15 +255,15 @@ impl Engine {
             ));
         }
         match &cap.access {
-            Access::Block if !pool.supports_block() => Some(format!(
+            Access::Block if !pool.backend().supports_block() => Some(format!(
                 "pool {:?} (kind {}) cannot serve block volumes",
                 pool.name(),
                 pool.kind().as_str()
             )),
-            Access::Mount(m) if !pool.supports_fs_type(&m.fs_type) => Some(format!(
+            Access::Mount(m) if !pool.backend().supports_fs_type(&m.fs_type) => Some(format!(
                 "pool {:?} serves filesystem {:?}, not {:?}",
                 pool.name(),
-                pool.fs_type(),
+                pool.backend().default_fs_type(),
                 m.fs_type
             )),
             _ => None,
@@ -367,12 +366,12 @@ impl Engine {
             }
             None => {
                 let size = req.capacity.choose(pool.default_size(), SIZE_GRANULE);
-                let space = pool.space()?;
-                if size > space.bytes_total {
+                let space = pool.backend().capacity()?;
+                if size > space.total {
                     return Err(Error::OutOfRange(format!(
                         "{size} bytes requested, but pool {:?} has {} bytes in all",
                         pool.name(),
-                        space.bytes_total
+                        space.total
                     )));
                 }
                 let id = VolumeId::generate();
@@ -389,7 +388,7 @@ impl Engine {
             }
         };
         crate::crash::point("create-after-intent");
-        pool.create(&vol)?;
+        pool.backend().create(&vol)?;
         crate::crash::point("create-after-backend");
         self.store.set_volume_state(&vol.id, VolumeState::Ready)?;
         Ok(self.to_volume(&vol, &pool))
@@ -429,7 +428,7 @@ impl Engine {
             self.store.set_volume_state(&id, VolumeState::Deleting)?;
         }
         crate::crash::point("delete-after-intent");
-        pool.delete(&vol)?;
+        pool.backend().delete(&vol)?;
         crate::crash::point("delete-after-backend");
         self.store.remove_volume(&id)
     }
@@ -511,7 +510,7 @@ impl Engine {
         published: bool,
     ) -> csi::list_volumes_response::VolumeStatus {
         let condition = match pool {
-            Some(pool) => pool.condition(vol),
+            Some(pool) => pool.backend().condition(vol),
             None => Condition {
                 abnormal: true,
                 message: format!("pool {:?} is not configured on this node", vol.pool),
@@ -612,8 +611,8 @@ impl Engine {
         {
             return Ok(zero);
         }
-        let space = pool.space()?;
-        let available = i64::try_from(space.bytes_available).unwrap_or(i64::MAX);
+        let space = pool.backend().capacity()?;
+        let available = i64::try_from(space.available).unwrap_or(i64::MAX);
         Ok(csi::GetCapacityResponse {
             available_capacity: available,
             maximum_volume_size: Some(available),
@@ -836,11 +835,15 @@ mod tests {
             ..Default::default()
         };
         e.node_stage(NodeStage::try_from(&req).unwrap()).unwrap();
-        let pool = &e.pools["default"];
         let id = VolumeId::parse(&v.volume_id).unwrap();
-        let source = stowage_sys::fs::file_info(pool.open_volume(&id).unwrap().as_fd())
-            .unwrap()
-            .id;
+        let volume_dir = dir.path().join("pool/volumes").join(id.as_str());
+        let source = stowage_sys::fs::file_info(
+            stowage_sys::fs::open_trusted_dir(&volume_dir)
+                .unwrap()
+                .as_fd(),
+        )
+        .unwrap()
+        .id;
         let target = stowage_sys::fs::file_info(
             stowage_sys::fs::open_trusted_dir(&staging).unwrap().as_fd(),
         )

@@ -4,9 +4,12 @@
 //! openat2 (`RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS`); a symlink anywhere on the way refuses
 //! the call. Mounts are made from those fds (open_tree + move_mount), never from a path
 //! string resolved again. The kernel is the truth for what is mounted: a mount is "ours" when
-//! the mount root at the path is the volume's own directory (same device and inode).
+//! the mount root at the path matches the volume's [`Mark`] (for a `dir` pool: the volume's
+//! own directory, same device and inode). What is mounted at stage is the pool backend's
+//! business ([`crate::pool::PoolBackend::stage`]); paths, records and publish binds are
+//! handled here, once for every kind.
 
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -15,7 +18,7 @@ use stowage_core::request::{
     Access, AccessMode, Capability, ExistingPath, HostPath, MountFlag, NodePublish, NodeStage,
     NodeStats, NodeUnpublish, NodeUnstage,
 };
-use stowage_core::{Error, Result, VolumeId};
+use stowage_core::{Error, Result};
 use stowage_csi::v1 as csi;
 use stowage_csi::v1::node_service_capability::rpc::Type as NodeCap;
 use stowage_sys::fs::{self as sysfs, InodeId};
@@ -23,7 +26,7 @@ use stowage_sys::{Errno, MountAttrs, SysError};
 use tonic::{Request, Response, Status};
 
 use crate::engine::Engine;
-use crate::pool::Pool;
+use crate::pool::{Mark, Pool, StageRequest};
 use crate::service::{quiet, Cost, Driver, Service};
 use crate::store::{Publication, PublicationKind, PublicationState, VolumeRecord};
 
@@ -175,13 +178,6 @@ impl Engine {
         }
     }
 
-    fn volume_inode(&self, pool: &Pool, id: &VolumeId) -> Result<(OwnedFd, InodeId)> {
-        let dir = pool.open_volume(id)?;
-        let info = sysfs::file_info(dir.as_fd())
-            .map_err(|e| Error::internal(format!("statx of volume {id}"), e))?;
-        Ok((dir, info.id))
-    }
-
     fn check_node_capability(pool: &Pool, vol: &VolumeRecord, cap: &Capability) -> Result<()> {
         if cap.mode.is_multi_node() {
             return Err(Error::InvalidArgument(format!(
@@ -202,11 +198,11 @@ impl Engine {
             )));
         }
         if let Access::Mount(m) = &cap.access {
-            if !pool.supports_fs_type(&m.fs_type) {
+            if !pool.backend().supports_fs_type(&m.fs_type) {
                 return Err(Error::InvalidArgument(format!(
                     "volume {} has filesystem {:?}, not {:?}",
                     vol.id,
-                    pool.fs_type(),
+                    pool.backend().default_fs_type(),
                     m.fs_type
                 )));
             }
@@ -214,21 +210,20 @@ impl Engine {
         Ok(())
     }
 
-    /// Mounts `source` at the located path unless our mount is already there, and records it:
-    /// the intent (`mounting`, and whether the driver makes the directory) before anything
-    /// changes on disk, `mounted` after. Anything at the path that is not a plain directory or
-    /// our own mount is refused.
+    /// Runs `mount` onto the located path unless a mount of the volume (`volume`) is already
+    /// there, and records it: the intent (`mounting`, and whether the driver makes the
+    /// directory) before anything changes on disk, `mounted` after. Anything at the path that
+    /// is not a plain directory or our own mount is refused.
     fn mount_recorded(
         &self,
         field: &str,
         at: &Located,
-        source: &OwnedFd,
-        volume: InodeId,
-        attrs: MountAttrs,
+        volume: Mark,
         mut record: Publication,
+        mount: impl FnOnce(BorrowedFd<'_>) -> Result<()>,
     ) -> Result<()> {
         let target = match self.leaf(field, at)? {
-            Leaf::MountRoot { id, .. } if id == volume => None,
+            Leaf::MountRoot { id, .. } if volume.matches(id) => None,
             Leaf::MountRoot { .. } => {
                 return Err(Error::AlreadyExists(format!(
                     "{field} {:?} is already a mount point of something else",
@@ -268,25 +263,28 @@ impl Engine {
             }
         };
         if let Some(target) = target {
-            self.kernel
-                .bind_mount(source.as_fd(), target.as_fd(), attrs)
-                .map_err(|e| {
-                    Error::internal(format!("mounting at {field} {:?}", at.path.as_str()), e)
-                })?;
+            mount(target.as_fd()).map_err(|e| match e {
+                Error::Internal(m) => {
+                    Error::Internal(format!("mounting at {field} {:?}: {m}", at.path.as_str()))
+                }
+                other => other,
+            })?;
             crate::crash::point("mount-after-mount");
         }
         record.state = PublicationState::Mounted;
         self.store.put_publication(&record)
     }
 
-    /// Removes our mounts at the located path (stacked ones too), then the directory if we
-    /// made it. A mount of anything else is left alone.
+    /// Removes our mounts at the located path (stacked ones too), runs `release` (what the
+    /// backend holds besides a staging mount), then removes the directory if we made it. A
+    /// mount of anything else is left alone.
     fn unmount_recorded(
         &self,
         field: &str,
         at: &Located,
-        volume: Option<InodeId>,
+        volume: Option<Mark>,
         record: Option<&Publication>,
+        release: impl FnOnce() -> Result<()>,
     ) -> Result<()> {
         if let Some(r) = record {
             let mut r = r.clone();
@@ -309,7 +307,7 @@ impl Engine {
                 Err(e) => return Err(e),
             };
             match leaf {
-                Leaf::MountRoot { fd, id } if Some(id) == volume => {
+                Leaf::MountRoot { fd, id } if volume.is_some_and(|m| m.matches(id)) => {
                     // The fd pins the mount (an unmount would be EBUSY while it is open):
                     // close it, then unmount by the path just checked, never following a
                     // final symlink. Only root on the host can change the path in between.
@@ -351,6 +349,7 @@ impl Engine {
             )));
         }
         crate::crash::point("unmount-after-unmount");
+        release()?;
         if record.is_some_and(|r| r.created_dir) {
             match sysfs::rmdir_at(at.parent.as_fd(), &at.name) {
                 Ok(()) => {}
@@ -366,7 +365,8 @@ impl Engine {
         Ok(())
     }
 
-    /// NodeStageVolume: bind the volume's directory at the staging path.
+    /// NodeStageVolume: the pool's backend mounts the volume at the staging path (a `dir`
+    /// pool binds the volume's directory).
     pub fn node_stage(&self, req: NodeStage) -> Result<()> {
         let (vol, pool) = self.ready_volume(&req.volume)?;
         let _guard = self.claim(&vol.id)?;
@@ -393,7 +393,7 @@ impl Engine {
                 )));
             }
         }
-        let (dir, inode) = self.volume_inode(&pool, &vol.id)?;
+        let mark = pool.backend().mark(&vol)?;
         let record = Publication {
             path: req.staging.as_str().to_owned(),
             volume_id: vol.id.clone(),
@@ -405,12 +405,17 @@ impl Engine {
             created_dir: existing.as_ref().is_some_and(|p| p.created_dir),
             staging_path: None,
         };
-        let attrs = MountAttrs {
-            nosuid: true,
-            nodev: true,
-            ..Default::default()
+        let how = StageRequest {
+            access: &req.capability.access,
+            attrs: MountAttrs {
+                nosuid: true,
+                nodev: true,
+                ..Default::default()
+            },
         };
-        self.mount_recorded("staging_target_path", &at, &dir, inode, attrs, record)
+        self.mount_recorded("staging_target_path", &at, mark, record, |target| {
+            pool.backend().stage(&vol, target, &how)
+        })
     }
 
     /// NodeUnstageVolume: unmount the staging path. Not staged there is OK.
@@ -439,8 +444,10 @@ impl Engine {
         else {
             return Ok(());
         };
-        let inode = self.inode_of(&vol)?;
-        self.unmount_recorded("staging_target_path", &at, inode, record.as_ref())
+        let mark = self.mark_of(&vol)?;
+        self.unmount_recorded("staging_target_path", &at, mark, record.as_ref(), || {
+            self.release_staging(&vol)
+        })
     }
 
     /// NodePublishVolume: bind the staged volume at the target path.
@@ -472,9 +479,9 @@ impl Engine {
                 req.staging.as_str()
             )));
         }
-        let (_dir, inode) = self.volume_inode(&pool, &vol.id)?;
-        let staging_fd = match self.leaf("staging_target_path", &staging)? {
-            Leaf::MountRoot { fd, id } if id == inode => fd,
+        let mark = pool.backend().mark(&vol)?;
+        let staged = match self.leaf("staging_target_path", &staging)? {
+            Leaf::MountRoot { fd, id } if mark.matches(id) => fd,
             _ => {
                 return Err(Error::FailedPrecondition(format!(
                     "the staging mount of volume {} at {:?} is missing; stage the volume again",
@@ -533,8 +540,13 @@ impl Engine {
             created_dir: existing.as_ref().is_some_and(|p| p.created_dir),
             staging_path: Some(req.staging.as_str().to_owned()),
         };
+        let source = pool.backend().publish_source(&vol, staged)?;
         let attrs = attrs_for(&req.capability, read_only);
-        self.mount_recorded("target_path", &target, &staging_fd, inode, attrs, record)
+        self.mount_recorded("target_path", &target, mark, record, |target| {
+            self.kernel
+                .bind_mount(source.as_fd(), target, attrs)
+                .map_err(|e| Error::internal("bind mount", e))
+        })
     }
 
     /// NodeUnpublishVolume: unmount the target and remove the directory if we made it. Not
@@ -549,8 +561,8 @@ impl Engine {
         let Some(at) = self.locate_for_removal("target_path", &req.target, record.as_ref())? else {
             return Ok(());
         };
-        let inode = self.inode_of(&vol)?;
-        self.unmount_recorded("target_path", &at, inode, record.as_ref())
+        let mark = self.mark_of(&vol)?;
+        self.unmount_recorded("target_path", &at, mark, record.as_ref(), || Ok(()))
     }
 
     /// The publication recorded at a path, if any. Records are only ever made at clean
@@ -600,23 +612,25 @@ impl Engine {
             .ok_or_else(|| not_found(id.as_str()))
     }
 
-    /// The inode of a volume's directory, or None when it (or its record) is gone.
-    fn volume_inode_if_present(&self, id: &VolumeId) -> Result<Option<InodeId>> {
-        match self.store.volume_by_id(id)? {
-            Some(vol) => self.inode_of(&vol),
-            None => Ok(None),
-        }
-    }
-
-    /// The inode of a recorded volume's directory, or None when the directory is gone.
-    fn inode_of(&self, vol: &VolumeRecord) -> Result<Option<InodeId>> {
+    /// How a recorded volume's mounts are recognised, or None when its pool or its backing
+    /// storage is gone (nothing of it can be mounted then).
+    fn mark_of(&self, vol: &VolumeRecord) -> Result<Option<Mark>> {
         let Some(pool) = self.pools.get(&vol.pool) else {
             return Ok(None);
         };
-        match self.volume_inode(pool, &vol.id) {
-            Ok((_, inode)) => Ok(Some(inode)),
+        match pool.backend().mark(vol) {
+            Ok(mark) => Ok(Some(mark)),
             Err(Error::NotFound(_)) => Ok(None),
             Err(e) => Err(e),
+        }
+    }
+
+    /// After a staging path of the volume was cleared: what its backend still holds for it
+    /// is released. Nothing to do when its pool is gone.
+    fn release_staging(&self, vol: &VolumeRecord) -> Result<()> {
+        match self.pools.get(&vol.pool) {
+            Some(pool) => pool.backend().unstage(vol),
+            None => Ok(()),
         }
     }
 
@@ -654,14 +668,14 @@ impl Engine {
                 message,
             }),
         };
-        let (dir, inode) = match self.volume_inode(&pool, &vol.id) {
-            Ok(v) => v,
+        let mark = match pool.backend().mark(&vol) {
+            Ok(m) => m,
             Err(Error::NotFound(m)) => return Ok(abnormal(m)),
             Err(e) => return Err(e),
         };
         let at = self.locate("volume_path", &path)?;
         let mounted = match self.leaf("volume_path", &at)? {
-            Leaf::MountRoot { fd, id } if id == inode => fd,
+            Leaf::MountRoot { fd, id } if mark.matches(id) => fd,
             _ => {
                 return Ok(abnormal(format!(
                     "the volume is not mounted at {:?} any more",
@@ -671,14 +685,14 @@ impl Engine {
         };
         let space = sysfs::fs_space(mounted.as_fd())
             .map_err(|e| Error::internal("statvfs of volume_path", e))?;
-        let usage = pool.usage(&vol, &dir)?;
+        let usage = pool.backend().usage(&vol, mounted.as_fd())?;
         let condition = if space.read_only && !record.read_only {
             csi::VolumeCondition {
                 abnormal: true,
                 message: "the volume's filesystem is read-only".to_owned(),
             }
         } else {
-            let c = pool.condition(&vol);
+            let c = pool.backend().condition(&vol);
             csi::VolumeCondition {
                 abnormal: c.abnormal,
                 message: c.message,
@@ -721,8 +735,12 @@ impl Engine {
             let outcome = (|| -> Result<&'static str> {
                 let path = HostPath::parse(field, &record.path)?;
                 let at = self.locate(field, &path)?;
-                let inode = self.volume_inode_if_present(&record.volume_id)?;
-                let mounted = matches!(self.leaf(field, &at)?, Leaf::MountRoot { id, .. } if Some(id) == inode);
+                let vol = self.store.volume_by_id(&record.volume_id)?;
+                let mark = match &vol {
+                    Some(vol) => self.mark_of(vol)?,
+                    None => None,
+                };
+                let mounted = matches!(self.leaf(field, &at)?, Leaf::MountRoot { id, .. } if mark.is_some_and(|m| m.matches(id)));
                 match (record.state, mounted) {
                     (PublicationState::Mounted, true) => Ok("kept"),
                     (PublicationState::Mounting, true) => {
@@ -732,7 +750,11 @@ impl Engine {
                         Ok("finished mounting")
                     }
                     (PublicationState::Unmounting, _) | (_, false) => {
-                        self.unmount_recorded(field, &at, inode, Some(&record))?;
+                        let release = || match (&vol, record.kind) {
+                            (Some(vol), PublicationKind::Stage) => self.release_staging(vol),
+                            _ => Ok(()),
+                        };
+                        self.unmount_recorded(field, &at, mark, Some(&record), release)?;
                         Ok("cleaned")
                     }
                 }

@@ -1,0 +1,292 @@
+//! Pools: where volumes live on this node.
+//!
+//! A [`Pool`] is one configured pool: what every kind shares (name, path, kind, default size,
+//! the volume context it advertises) and a [`PoolBackend`], the one place where a kind's own
+//! storage is handled. The engine and the node service talk to the backend through that
+//! trait and never ask which kind it is; [`Pool::open`] is the only place a kind is chosen.
+//!
+//! Kinds: [`dir`] (a directory per volume, project quotas where the filesystem enforces
+//! them). Planned behind the same trait: `image` (a sparse image file per volume on a loop
+//! device) and `btrfs` (a subvolume per volume with a qgroup limit).
+
+pub mod dir;
+
+use std::collections::HashMap;
+use std::fmt::{Debug, Display};
+use std::os::fd::{BorrowedFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use stowage_core::config::{PoolConfig, PoolKind};
+use stowage_core::request::Access;
+use stowage_core::{Error, Result};
+use stowage_sys::fs::InodeId;
+use stowage_sys::{Errno, Kernel, MountAttrs, SysError};
+
+use crate::store::VolumeRecord;
+
+/// Granule volume sizes are rounded up to.
+pub const SIZE_GRANULE: u64 = 1 << 20;
+
+/// The health of a volume's backing storage, as CSI's VolumeCondition reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Condition {
+    pub abnormal: bool,
+    pub message: String,
+}
+
+/// Bytes and inodes of one volume as its capacity enforcement sees them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct VolumeUsage {
+    pub bytes_total: u64,
+    pub bytes_used: u64,
+    pub bytes_available: u64,
+    pub inodes_total: u64,
+    pub inodes_used: u64,
+    pub inodes_available: u64,
+}
+
+/// What a pool can still give to volumes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolCapacity {
+    /// The most one volume could ever get: a larger request is OUT_OF_RANGE.
+    pub total: u64,
+    /// What GetCapacity reports: space a new volume can count on now.
+    pub available: u64,
+}
+
+/// How the node service recognises a mount of a volume: the root of its staging mount, and
+/// of every publication bound from that, has this identity. A mount at a path is "ours"
+/// exactly when its root matches; that decides idempotency, conflicts and what an unmount
+/// may remove.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mark {
+    /// The root is this very inode: a volume directory bound as it is, or a device node
+    /// bound onto a file.
+    Inode(InodeId),
+    /// The root is on this device: a filesystem the backend mounted from the volume's own
+    /// block device, where nothing else lives.
+    FilesystemOn { dev: u64 },
+}
+
+impl Mark {
+    /// Whether a mount whose root is `root` is a mount of the volume.
+    pub fn matches(&self, root: InodeId) -> bool {
+        match *self {
+            Mark::Inode(id) => id == root,
+            Mark::FilesystemOn { dev } => root.dev == dev,
+        }
+    }
+}
+
+/// What NodeStageVolume asks of the backend.
+#[derive(Debug, Clone, Copy)]
+pub struct StageRequest<'a> {
+    /// Block or filesystem access; for a filesystem its type (empty: the pool's default) and
+    /// the mount flags the CO asked for.
+    pub access: &'a Access,
+    /// Attributes the staging mount gets; the node service chooses them (`nosuid,nodev`).
+    pub attrs: MountAttrs,
+}
+
+/// One pool kind. Every method is called with the volume's guard held (or at start, before
+/// the driver is ready), so two calls never act on one volume at once; a pool serves many
+/// volumes concurrently. Errors are `stowage_core::Error`s whose variant is what the caller
+/// may do: RESOURCE_EXHAUSTED when the pool's filesystem or quota is full, NOT_FOUND when a
+/// volume's backing storage is gone, FAILED_PRECONDITION when it is in use, INTERNAL with
+/// the failing call and its arguments otherwise.
+///
+/// Paths of the pool are reached fd-relative from a directory the backend opened at start;
+/// a volume id is one safe path component by construction.
+pub trait PoolBackend: Send + Sync + Debug {
+    // ---- what the pool offers
+
+    /// Whether it can serve raw block volumes.
+    fn supports_block(&self) -> bool;
+
+    /// Whether a filesystem volume can have `fs_type` (the empty string: the default).
+    fn supports_fs_type(&self, fs_type: &str) -> bool;
+
+    /// The filesystem type a filesystem volume gets when the request names none.
+    fn default_fs_type(&self) -> &str;
+
+    /// Entries the backend adds to every volume's `volume_context` (the pool adds `pool`).
+    /// The same for every volume of the pool, fixed when it is opened; each value at most
+    /// 128 bytes.
+    fn context(&self) -> HashMap<String, String>;
+
+    /// Whether volume sizes are hard limits (false: advisory, the volume can grow past
+    /// its size).
+    fn enforces_capacity(&self) -> bool;
+
+    /// Space for volumes, now. A kind that reserves space lazily (a sparse image) counts what
+    /// existing volumes may still claim as taken.
+    fn capacity(&self) -> Result<PoolCapacity>;
+
+    // ---- volumes (controller side)
+
+    /// Makes the volume's backing storage with its recorded capacity and puts it under its
+    /// limit. Idempotent: what exists already is reused, so a retried or reconciled create
+    /// continues where an interrupted one stopped. Durable on return (the caller then
+    /// records the volume `ready`).
+    fn create(&self, vol: &VolumeRecord) -> Result<()>;
+
+    /// Removes the volume's backing storage and lifts its limit. Absent is not an error: a
+    /// retried delete succeeds. A volume the kernel still has mounted (or that holds a
+    /// mount, or an attached device) is refused with FAILED_PRECONDITION and left as it
+    /// is. Never follows a link out of the pool nor enters another mount. Durable on return.
+    fn delete(&self, vol: &VolumeRecord) -> Result<()>;
+
+    /// Grows the volume's storage and limit to `capacity` bytes (never shrinks: a smaller
+    /// or equal capacity changes nothing). Idempotent. Returns whether a node step is needed
+    /// before the consumer sees the new size (a filesystem to grow on an attached device);
+    /// NOT_FOUND when the backing storage is gone.
+    fn expand(&self, vol: &VolumeRecord, capacity: u64) -> Result<bool>;
+
+    /// At start, for a `ready` volume: makes sure its limit is in force (the dir kind: a
+    /// volume created while the pool's quotas were off has none). Returns whether it had to
+    /// set it now; the caller then warns that what the volume held before is not charged.
+    /// Cheap and `Ok(false)` for a kind whose limits cannot go missing.
+    fn ensure_limit(&self, vol: &VolumeRecord) -> Result<bool>;
+
+    /// Names of the entries in the pool's volume storage, for the report of data no volume
+    /// record names. The name of a volume's entry is its id.
+    fn entry_names(&self) -> Result<Vec<String>>;
+
+    /// The condition of the volume's backing storage; never fails (a check that cannot be
+    /// made is itself abnormal, saying why).
+    fn condition(&self, vol: &VolumeRecord) -> Condition;
+
+    // ---- volumes (node side)
+
+    /// How mounts of this volume are recognised (see [`Mark`]). NOT_FOUND, with a message
+    /// naming what is missing, when the backing storage is gone: nothing of it can be
+    /// mounted then. A kind whose mark depends on an attached device answers NOT_FOUND
+    /// while it is not attached (nothing of it is mounted either).
+    fn mark(&self, vol: &VolumeRecord) -> Result<Mark>;
+
+    /// Mounts the volume onto `target`, an fd the node service resolved (the staging
+    /// directory, already checked to be a plain directory that is no mount of anything),
+    /// with `how.attrs`, so that the root of the new mount matches [`PoolBackend::mark`].
+    /// The dir kind binds the volume directory; a device-backed kind attaches its device
+    /// (or finds it attached), makes the filesystem if the device is blank, and mounts it.
+    /// Called only when the target does not hold the volume's mount yet; must tolerate a
+    /// half-done earlier attempt (an attached device, a made filesystem). Errors leave
+    /// nothing mounted at `target`.
+    fn stage(
+        &self,
+        vol: &VolumeRecord,
+        target: BorrowedFd<'_>,
+        how: &StageRequest<'_>,
+    ) -> Result<()>;
+
+    /// After the node service removed every mount of the volume at a staging path: releases
+    /// what [`PoolBackend::stage`] held besides the mount (a device-backed kind detaches its
+    /// device once no mount of the volume is left). Idempotent; nothing held is not an error.
+    fn unstage(&self, vol: &VolumeRecord) -> Result<()>;
+
+    /// What NodePublishVolume binds at a target, given the volume's staging mount as the
+    /// node service resolved and checked it (its root matches the mark): that mount itself
+    /// for a filesystem volume; the volume's device node (opened `O_PATH`) for a block
+    /// volume, once a kind serves those. The bind's root must match the mark.
+    fn publish_source(&self, vol: &VolumeRecord, staged: OwnedFd) -> Result<OwnedFd>;
+
+    /// NodeGetVolumeStats figures: bytes against the volume's capacity and inodes, as its
+    /// limit counts them. `mounted` is the root of a mount of the volume (the path the CO
+    /// asked about), for kinds that can only measure through a mounted filesystem.
+    fn usage(&self, vol: &VolumeRecord, mounted: BorrowedFd<'_>) -> Result<VolumeUsage>;
+}
+
+/// One pool of this node.
+#[derive(Debug)]
+pub struct Pool {
+    name: String,
+    kind: PoolKind,
+    path: PathBuf,
+    default_size: u64,
+    /// Built once: every volume of the pool carries the same context.
+    context: HashMap<String, String>,
+    backend: Box<dyn PoolBackend>,
+}
+
+impl Pool {
+    /// Opens (creating if needed) a configured pool with the backend of its kind.
+    pub fn open(cfg: &PoolConfig, kernel: Arc<dyn Kernel>) -> Result<Self> {
+        let backend: Box<dyn PoolBackend> = match cfg.kind {
+            PoolKind::Dir => Box::new(dir::DirBackend::open(cfg, kernel)?),
+        };
+        Self::with_backend(cfg, backend)
+    }
+
+    /// A pool over a backend already opened for `cfg`.
+    pub fn with_backend(cfg: &PoolConfig, backend: Box<dyn PoolBackend>) -> Result<Self> {
+        let mut context = backend.context();
+        context.insert("pool".to_owned(), cfg.name.clone());
+        Ok(Pool {
+            name: cfg.name.clone(),
+            kind: cfg.kind,
+            path: cfg.path.clone(),
+            default_size: cfg.default_size_bytes()?,
+            context,
+            backend,
+        })
+    }
+
+    /// The pool's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Its configured host path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Backend kind, for messages; behaviour goes through [`Pool::backend`].
+    pub fn kind(&self) -> PoolKind {
+        self.kind
+    }
+
+    /// Size for requests that name none.
+    pub fn default_size(&self) -> u64 {
+        self.default_size
+    }
+
+    /// What CreateVolume puts into `volume_context`: the pool and what its kind adds (how
+    /// capacity is enforced).
+    pub fn volume_context(&self) -> &HashMap<String, String> {
+        &self.context
+    }
+
+    /// What differs per kind.
+    pub fn backend(&self) -> &dyn PoolBackend {
+        &*self.backend
+    }
+}
+
+/// Maps a failed syscall of a backend: a full filesystem or quota is RESOURCE_EXHAUSTED,
+/// anything else INTERNAL with `context` and the call.
+pub(crate) fn sys_error(context: impl Display) -> impl FnOnce(SysError) -> Error {
+    move |e| match e.errno {
+        Errno::NOSPC | Errno::DQUOT => Error::ResourceExhausted(format!("{context}: {e}")),
+        _ => Error::internal(context, e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn marks_match_their_own_roots_only() {
+        let a = InodeId { dev: 7, ino: 2 };
+        let b = InodeId { dev: 7, ino: 3 };
+        let c = InodeId { dev: 8, ino: 2 };
+        assert!(Mark::Inode(a).matches(a));
+        assert!(!Mark::Inode(a).matches(b));
+        assert!(!Mark::Inode(a).matches(c));
+        let fs = Mark::FilesystemOn { dev: 7 };
+        assert!(fs.matches(a) && fs.matches(b));
+        assert!(!fs.matches(c));
+    }
+}
