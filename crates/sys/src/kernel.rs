@@ -132,7 +132,9 @@ pub trait Kernel: Send + Sync + Debug + 'static {
     /// Grows the mounted filesystem `kind` on `device` to the device's size (after
     /// [`Kernel::refresh_loop_capacity`]): resize2fs on the device, xfs_growfs -d or
     /// `btrfs filesystem resize max` on `mount_point` (absolute, checked to contain no
-    /// symlink). Growing to the size it has already is a no-op success.
+    /// symlink). Growing to the size it has already is a no-op success. ext4 grows online only
+    /// with CAP_SYS_RESOURCE (the kernel answers EPERM without it, which resize2fs reports as
+    /// "Permission denied to resize filesystem").
     fn grow_fs(
         &self,
         device: &LoopDevice,
