@@ -751,6 +751,35 @@ mod tests {
         assert_eq!(raw::LOOP_CTL_GET_FREE, 19586);
     }
 
+    /// The branch for containers whose /dev lacks the node, on a scratch directory instead of
+    /// /dev: the node is made, opened and checked; a node of another device is refused.
+    #[test]
+    fn open_node_creates_a_missing_node_and_checks_it() {
+        if !rustix::process::geteuid().is_root() {
+            use std::io::Write as _;
+            let _ = writeln!(
+                std::io::stderr(),
+                "SKIPPED (needs root): open_node_creates_a_missing_node_and_checks_it"
+            );
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("stowage-node-{}", std::process::id()));
+        fs::create_dir_all(&dir).expect("mkdir");
+        let dev = sysfs_dev("/sys/block/loop0/dev").expect("loop0");
+        let node = dir.join("loop0");
+        let fd = open_node(&node, FileType::BlockDevice, dev, OFlags::RDONLY).expect("open");
+        assert_eq!(rustix::fs::fstat(&fd).expect("fstat").st_rdev, dev);
+        assert!(node.exists(), "created");
+        // Present now: opened as is.
+        drop(open_node(&node, FileType::BlockDevice, dev, OFlags::RDONLY).expect("reopen"));
+        // A node that is not the device asked for.
+        let other = rustix::fs::makedev(raw::LOOP_MAJOR, rustix::fs::minor(dev) + 1);
+        let err = open_node(&node, FileType::BlockDevice, other, OFlags::RDONLY)
+            .expect_err("wrong device");
+        assert_eq!(err.errno, Errno::NODEV, "{err}");
+        let _ = fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn kernel_dev_encoding() {
         assert_eq!(kernel_dev(8, 1), 0x801);

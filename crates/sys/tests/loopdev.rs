@@ -496,6 +496,61 @@ fn read_only_mount_and_mount_errors() {
 }
 
 #[test]
+fn read_only_and_block_size_options() {
+    let name = "read_only_and_block_size_options";
+    if !root_or_skip(name) {
+        return;
+    }
+    let img = TestImage::new(16 * MIB);
+    let device = LinuxKernel
+        .attach_loop(
+            img.image.as_fd(),
+            LoopOptions {
+                read_only: true,
+                autoclear: true,
+                direct_io: false,
+                block_size: 4096,
+            },
+        )
+        .expect("attach");
+    let st = status(device.fd.as_fd()).expect("status");
+    assert!(st.read_only && !st.direct_io, "{st:?}");
+    let block = fs::read_to_string(format!(
+        "/sys/block/loop{}/queue/logical_block_size",
+        device.number
+    ))
+    .expect("sysfs");
+    assert_eq!(block.trim(), "4096");
+    assert_eq!(
+        stowage_sys::loopdev::suggested_block_size(img.image.as_fd()) % 512,
+        0
+    );
+    // Writing through a read-only device fails (at open or at write, depending on the kernel).
+    let err = fs::OpenOptions::new()
+        .write(true)
+        .open(&device.path)
+        .and_then(|mut f| {
+            use std::io::Write as _;
+            f.write_all(&[1u8; 4096]).and_then(|()| f.sync_all())
+        })
+        .expect_err("read-only device");
+    loud!("{name}: writing to the read-only device: {err}");
+    assert!(
+        [Errno::ROFS, Errno::PERM, Errno::ACCESS]
+            .iter()
+            .any(|e| err.raw_os_error() == Some(e.raw_os_error())),
+        "{err}"
+    );
+    assert_eq!(
+        blockfs::probe(img.image.as_fd()).expect("probe"),
+        DeviceContent::Empty,
+        "nothing reached the image"
+    );
+    drop(device);
+    img.assert_detached();
+}
+
+#[test]
 fn direct_io_on_tmpfs_is_reported_as_read_back() {
     let name = "direct_io_on_tmpfs_is_reported_as_read_back";
     if !root_or_skip(name) {
