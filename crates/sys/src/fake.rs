@@ -1,8 +1,9 @@
 //! A recording [`Kernel`] for tests: remembers every call in order and can be told to fail.
-//! It keeps just enough state (project ids, limits, a mount table) to answer consistently.
+//! It keeps just enough state (project ids, limits, a mount table, loop devices) to answer
+//! consistently.
 
 use std::collections::HashMap;
-use std::os::fd::BorrowedFd;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
@@ -10,7 +11,10 @@ use rustix::fs::{AtFlags, StatxFlags, CWD};
 use rustix::io::Errno;
 
 use crate::fs::{file_info, InodeId};
-use crate::{Kernel, MountAttrs, QuotaSupport, QuotaUsage, SysError, SysResult};
+use crate::{
+    blockfs, FsKind, Kernel, LoopDevice, LoopOptions, MountAttrs, QuotaSupport, QuotaUsage,
+    SysError, SysResult, ToolError, ToolFailure,
+};
 
 /// One call made to a [`FakeKernel`], with fds turned into the inodes they referred to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,17 +42,59 @@ pub enum KernelCall {
     Unmount {
         target: PathBuf,
     },
+    AttachLoop {
+        image: InodeId,
+        options: LoopOptions,
+    },
+    FindLoop {
+        image: InodeId,
+    },
+    DetachLoop {
+        image: InodeId,
+    },
+    RefreshLoopCapacity {
+        number: u32,
+    },
+    DeviceSize {
+        number: u32,
+    },
+    MountDevice {
+        number: u32,
+        kind: FsKind,
+        options: Vec<String>,
+        target: InodeId,
+        attrs: MountAttrs,
+    },
+    MakeFs {
+        number: u32,
+        kind: FsKind,
+    },
+    GrowFs {
+        number: u32,
+        kind: FsKind,
+        mount_point: PathBuf,
+    },
 }
 
 /// The operation names [`FakeKernel::fail_next`] accepts: the [`Kernel`] method names that
 /// return a `SysResult`.
-const FAILABLE: [&str; 6] = [
+/// `make_fs` and `grow_fs` fail with a [`ToolError`] whose failure is
+/// `ToolFailure::Spawn(errno)`.
+const FAILABLE: [&str; 14] = [
     "set_project_id",
     "project_id",
     "set_project_limit",
     "project_usage",
     "bind_mount",
     "unmount",
+    "attach_loop",
+    "find_loop",
+    "detach_loop",
+    "refresh_loop_capacity",
+    "device_size",
+    "mount_device",
+    "make_fs",
+    "grow_fs",
 ];
 
 /// A [`Kernel`] that performs nothing privileged.
@@ -61,6 +107,13 @@ const FAILABLE: [&str; 6] = [
 ///   `unmount(path)` finds the entry by the inode `path` names now (statx, no follow) —
 ///   since nothing was really mounted, that is still the target directory's own inode — and
 ///   removes the most recent one; none is EINVAL, like the kernel's "not a mount point".
+/// - Loop devices are a table (number, image inode, size, options); numbers are the lowest
+///   free. A [`LoopDevice`] it hands out holds a duplicate of the *image* fd, so
+///   [`blockfs::probe`] on it reads the image; `make_fs` writes the filesystem's magic
+///   number there, so a later probe recognises it. `mount_device` adds to the same mount
+///   table as `bind_mount` (source: the image inode), and `detach_loop` of an image with
+///   such a mount is EBUSY, like a device held by a mount. The device size is the image's
+///   size at attach or at the last `refresh_loop_capacity`.
 #[derive(Debug, Default)]
 pub struct FakeKernel {
     state: Mutex<State>,
@@ -77,6 +130,18 @@ struct State {
     usage: HashMap<u32, QuotaUsage>,
     /// (target, source, attrs), oldest first.
     mounts: Vec<(InodeId, InodeId, MountAttrs)>,
+    loops: Vec<FakeLoop>,
+    refuse_direct_io: bool,
+}
+
+/// One attached fake loop device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FakeLoop {
+    pub number: u32,
+    pub image: InodeId,
+    /// What [`Kernel::device_size`] answers.
+    pub size: u64,
+    pub options: LoopOptions,
 }
 
 impl State {
@@ -161,6 +226,17 @@ impl FakeKernel {
         self.state().mounts.clone()
     }
 
+    /// The attached fake loop devices, by number.
+    pub fn loops(&self) -> Vec<FakeLoop> {
+        self.state().loops.clone()
+    }
+
+    /// From now on, new attachments asking for direct I/O get it refused (EINVAL) and are
+    /// made without, as on a backing filesystem that cannot do it.
+    pub fn refuse_direct_io(&self, refuse: bool) {
+        self.state().refuse_direct_io = refuse;
+    }
+
     /// Records `call`, then applies any failure injected for `op`.
     fn enter(&self, call: KernelCall, op: &'static str) -> SysResult<MutexGuard<'_, State>> {
         let mut state = self.state();
@@ -172,6 +248,37 @@ impl FakeKernel {
 
 fn inode_of(fd: BorrowedFd<'_>) -> SysResult<InodeId> {
     Ok(file_info(fd)?.id)
+}
+
+/// A handle on the fake device `entry`: a duplicate of `image`.
+fn fake_handle(image: BorrowedFd<'_>, entry: &FakeLoop, new: bool) -> SysResult<LoopDevice> {
+    let fd = rustix::io::fcntl_dupfd_cloexec(image, 0)
+        .map_err(|e| SysError::new("fcntl", "F_DUPFD_CLOEXEC (fake loop device)", e))?;
+    Ok(LoopDevice {
+        number: entry.number,
+        path: PathBuf::from(format!("/dev/loop{}", entry.number)),
+        dev: rustix::fs::makedev(7, entry.number),
+        fd,
+        backing: entry.image,
+        read_only: entry.options.read_only,
+        autoclear: entry.options.autoclear,
+        direct_io: entry.options.direct_io,
+        direct_io_refused: None,
+        newly_attached: new,
+    })
+}
+
+fn tool_error(e: SysError) -> ToolError {
+    ToolError {
+        program: "fake",
+        args: Vec::new(),
+        failure: ToolFailure::Spawn(e.errno),
+        stderr: e.args,
+    }
+}
+
+fn image_size(fd: BorrowedFd<'_>) -> SysResult<u64> {
+    crate::image::image_size(fd)
 }
 
 impl Kernel for FakeKernel {
@@ -256,5 +363,132 @@ impl Kernel for FakeKernel {
             }
             None => Err(SysError::new("unmount", shown(), Errno::INVAL)),
         }
+    }
+
+    fn attach_loop(&self, image: BorrowedFd<'_>, options: LoopOptions) -> SysResult<LoopDevice> {
+        let id = inode_of(image)?;
+        let size = image_size(image)?;
+        let mut state = self.enter(KernelCall::AttachLoop { image: id, options }, "attach_loop")?;
+        if let Some(entry) = state.loops.iter_mut().find(|l| l.image == id) {
+            entry.options.autoclear = options.autoclear;
+            let entry = *entry;
+            return fake_handle(image, &entry, false);
+        }
+        let number = (0..)
+            .find(|n| state.loops.iter().all(|l| l.number != *n))
+            .unwrap_or(0);
+        let mut entry = FakeLoop {
+            number,
+            image: id,
+            size,
+            options,
+        };
+        let refused = options.direct_io && state.refuse_direct_io;
+        if refused {
+            entry.options.direct_io = false;
+        }
+        state.loops.push(entry);
+        let mut device = fake_handle(image, &entry, true)?;
+        device.direct_io_refused = refused.then_some(Errno::INVAL);
+        Ok(device)
+    }
+
+    fn find_loop(&self, image: BorrowedFd<'_>) -> SysResult<Option<LoopDevice>> {
+        let id = inode_of(image)?;
+        let state = self.enter(KernelCall::FindLoop { image: id }, "find_loop")?;
+        match state.loops.iter().find(|l| l.image == id) {
+            Some(entry) => fake_handle(image, entry, false).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn detach_loop(&self, image: BorrowedFd<'_>) -> SysResult<()> {
+        let id = inode_of(image)?;
+        let mut state = self.enter(KernelCall::DetachLoop { image: id }, "detach_loop")?;
+        if state.mounts.iter().any(|(_, source, _)| *source == id) {
+            return Err(SysError::new(
+                "detach_loop",
+                "fake loop device: still open elsewhere (mounted)",
+                Errno::BUSY,
+            ));
+        }
+        state.loops.retain(|l| l.image != id);
+        Ok(())
+    }
+
+    fn refresh_loop_capacity(&self, device: &LoopDevice) -> SysResult<u64> {
+        let size = image_size(device.fd.as_fd())?;
+        let number = device.number;
+        let mut state = self.enter(
+            KernelCall::RefreshLoopCapacity { number },
+            "refresh_loop_capacity",
+        )?;
+        let entry = state
+            .loops
+            .iter_mut()
+            .find(|l| l.number == number)
+            .ok_or_else(|| {
+                SysError::new("ioctl", "fake loop device, LOOP_SET_CAPACITY", Errno::NXIO)
+            })?;
+        entry.size = size;
+        Ok(size)
+    }
+
+    fn device_size(&self, device: &LoopDevice) -> SysResult<u64> {
+        let number = device.number;
+        let state = self.enter(KernelCall::DeviceSize { number }, "device_size")?;
+        state
+            .loops
+            .iter()
+            .find(|l| l.number == number)
+            .map(|l| l.size)
+            .ok_or_else(|| SysError::new("ioctl", "fake loop device, BLKGETSIZE64", Errno::NXIO))
+    }
+
+    fn mount_device(
+        &self,
+        device: &LoopDevice,
+        kind: FsKind,
+        options: &[String],
+        target: BorrowedFd<'_>,
+        attrs: MountAttrs,
+    ) -> SysResult<()> {
+        let target = inode_of(target)?;
+        let mut state = self.enter(
+            KernelCall::MountDevice {
+                number: device.number,
+                kind,
+                options: options.to_vec(),
+                target,
+                attrs,
+            },
+            "mount_device",
+        )?;
+        state.mounts.push((target, device.backing, attrs));
+        Ok(())
+    }
+
+    fn make_fs(&self, device: &LoopDevice, kind: FsKind) -> Result<(), ToolError> {
+        let call = KernelCall::MakeFs {
+            number: device.number,
+            kind,
+        };
+        drop(self.enter(call, "make_fs").map_err(tool_error)?);
+        blockfs::write_magic(device.fd.as_fd(), kind).map_err(tool_error)
+    }
+
+    fn grow_fs(
+        &self,
+        device: &LoopDevice,
+        kind: FsKind,
+        mount_point: &Path,
+    ) -> Result<(), ToolError> {
+        let call = KernelCall::GrowFs {
+            number: device.number,
+            kind,
+            mount_point: mount_point.to_path_buf(),
+        };
+        drop(self.enter(call, "grow_fs").map_err(tool_error)?);
+        Ok(())
     }
 }

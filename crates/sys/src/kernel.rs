@@ -4,7 +4,7 @@ use std::fmt::Debug;
 use std::os::fd::BorrowedFd;
 use std::path::Path;
 
-use crate::SysResult;
+use crate::{FsKind, LoopDevice, LoopOptions, SysResult, ToolError};
 
 /// Whether a filesystem enforces project quotas.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -76,4 +76,69 @@ pub trait Kernel: Send + Sync + Debug + 'static {
     /// symlink), with UMOUNT_NOFOLLOW. EINVAL (not a mount point) and ENOENT are errors for the
     /// caller to judge.
     fn unmount(&self, target: &Path) -> SysResult<()>;
+
+    /// Attaches the image open at `image` (a regular file, open read-write) to a loop device
+    /// and returns it open read-only — or, when the image is attached already, that device
+    /// (`newly_attached == false`): an image is never attached twice. Compared by the backing
+    /// device and inode the kernel reports (LOOP_GET_STATUS64), never by path. An existing
+    /// device gets the autoclear flag of `options`; its other flags stay as they are (read
+    /// them in the returned handle).
+    ///
+    /// A new device: LOOP_CTL_GET_FREE, then LOOP_CONFIGURE with `options` (EBUSY from a
+    /// race with another attacher: ask again, bounded). Direct I/O refused by the backing
+    /// filesystem (EINVAL): configured without it, noted in `direct_io_refused`.
+    ///
+    /// How long the device lives (autoclear, who must hold the fd): see [`crate::loopdev`].
+    fn attach_loop(&self, image: BorrowedFd<'_>, options: LoopOptions) -> SysResult<LoopDevice>;
+
+    /// The loop device the image open at `image` is attached to, if any. Absent is `None`,
+    /// not an error.
+    fn find_loop(&self, image: BorrowedFd<'_>) -> SysResult<Option<LoopDevice>>;
+
+    /// Detaches every loop device attached to the image open at `image` (LOOP_CLR_FD).
+    /// Nothing attached is Ok. A device still open elsewhere (mounted, or held by a process;
+    /// including a [`LoopDevice`] of this process not dropped yet) is EBUSY "still open
+    /// elsewhere": it is not forced, but it is left marked autoclear, so the kernel detaches
+    /// it at its last close.
+    fn detach_loop(&self, image: BorrowedFd<'_>) -> SysResult<()>;
+
+    /// Makes the device follow its image's current size after the image grew
+    /// (LOOP_SET_CAPACITY); returns the device's new size in bytes.
+    fn refresh_loop_capacity(&self, device: &LoopDevice) -> SysResult<u64>;
+
+    /// The size of the device in bytes (BLKGETSIZE64).
+    fn device_size(&self, device: &LoopDevice) -> SysResult<u64>;
+
+    /// Mounts the filesystem `kind` on `device` onto `target` (an already resolved directory
+    /// fd): fsopen, fsconfig `source=/dev/loopN` and `options` (each `key` or `key=value`,
+    /// filesystem parameters such as `discard` or `prjquota`; per-mount flags belong in
+    /// `attrs`), fsmount with `attrs`, move_mount onto `target`. `attrs.read_only` also makes
+    /// the superblock read-only. No path but the device's is resolved; undo with
+    /// [`Kernel::unmount`].
+    fn mount_device(
+        &self,
+        device: &LoopDevice,
+        kind: FsKind,
+        options: &[String],
+        target: BorrowedFd<'_>,
+        attrs: MountAttrs,
+    ) -> SysResult<()>;
+
+    /// Makes a filesystem `kind` on `device` (mkfs.ext4 / mkfs.xfs / mkfs.btrfs, forced, no
+    /// discard). It overwrites whatever is there: check with [`crate::blockfs::probe`] first
+    /// that the device is [`crate::DeviceContent::Empty`].
+    fn make_fs(&self, device: &LoopDevice, kind: FsKind) -> Result<(), ToolError>;
+
+    /// Grows the mounted filesystem `kind` on `device` to the device's size (after
+    /// [`Kernel::refresh_loop_capacity`]): resize2fs on the device, xfs_growfs -d or
+    /// `btrfs filesystem resize max` on `mount_point` (absolute, checked to contain no
+    /// symlink). Growing to the size it has already is a no-op success. ext4 grows online only
+    /// with CAP_SYS_RESOURCE (the kernel answers EPERM without it, which resize2fs reports as
+    /// "Permission denied to resize filesystem").
+    fn grow_fs(
+        &self,
+        device: &LoopDevice,
+        kind: FsKind,
+        mount_point: &Path,
+    ) -> Result<(), ToolError>;
 }

@@ -5,20 +5,29 @@
 //!   RESOLVE_NO_SYMLINKS`, mkdirat, tree removal that never follows a symlink nor crosses a
 //!   mount, usage walks). They work on any directory a test owns, so they are not faked.
 //! - [`Kernel`]: the privileged operations (bind mounts from fds, unmount, project-quota
-//!   ioctls and quotactl). [`LinuxKernel`] is the real one; [`FakeKernel`] records every call
+//!   ioctls and quotactl; for the `image` pool: loop devices, mkfs and grow tools, mounting
+//!   a filesystem from a device). [`LinuxKernel`] is the real one; [`FakeKernel`] records every call
 //!   and can be told to fail, so the logic above it is unit-tested without root.
+//!
+//! Beside them, [`image`] (image files, fd-relative) and [`blockfs::probe`] (what a device
+//! holds) are unprivileged given their fds, and not faked either.
 //!
 //! This is the only crate of the workspace allowed `unsafe`; each block says why it is sound.
 
+pub mod blockfs;
 mod error;
 pub mod fake;
 pub mod fs;
+pub mod image;
 mod kernel;
 mod linux;
+pub mod loopdev;
 pub mod mountinfo;
 
-pub use error::{SysError, SysResult};
-pub use fake::{FakeKernel, KernelCall};
+pub use blockfs::{DeviceContent, FsKind};
+pub use error::{SysError, SysResult, ToolError, ToolFailure};
+pub use fake::{FakeKernel, FakeLoop, KernelCall};
 pub use kernel::{Kernel, MountAttrs, QuotaSupport, QuotaUsage};
 pub use linux::LinuxKernel;
+pub use loopdev::{LoopDevice, LoopOptions};
 pub use rustix::io::Errno;

@@ -9,7 +9,10 @@ use rustix::io::Errno;
 use rustix::mount::{MountAttrFlags, MoveMountFlags, OpenTreeFlags, UnmountFlags};
 
 use crate::fs::{fd_desc, file_info};
-use crate::{Kernel, MountAttrs, QuotaSupport, QuotaUsage, SysError, SysResult};
+use crate::{
+    blockfs, loopdev, FsKind, Kernel, LoopDevice, LoopOptions, MountAttrs, QuotaSupport,
+    QuotaUsage, SysError, SysResult, ToolError,
+};
 
 /// The real Linux implementation of [`Kernel`].
 #[derive(Debug, Default, Clone, Copy)]
@@ -226,6 +229,12 @@ fn attr_masks(attrs: MountAttrs) -> raw::MountAttr {
         attr_clr: u64::from(clr.bits()),
         ..raw::MountAttr::default()
     }
+}
+
+/// The MOUNT_ATTR_* flags of `attrs` for fsmount(2), whose atime mode is a value inside the
+/// MOUNT_ATTR__ATIME field (relatime being 0), as for mount_setattr.
+pub(crate) fn fsmount_attrs(attrs: MountAttrs) -> MountAttrFlags {
+    MountAttrFlags::from_bits_retain(u32::try_from(attr_masks(attrs).attr_set).unwrap_or(0))
 }
 
 /// ioctls need a real open file, not an O_PATH fd: re-open the same inode if needed.
@@ -495,6 +504,50 @@ impl Kernel for LinuxKernel {
                 e,
             )
         })
+    }
+
+    fn attach_loop(&self, image: BorrowedFd<'_>, options: LoopOptions) -> SysResult<LoopDevice> {
+        loopdev::attach(image, options)
+    }
+
+    fn find_loop(&self, image: BorrowedFd<'_>) -> SysResult<Option<LoopDevice>> {
+        loopdev::find(image)
+    }
+
+    fn detach_loop(&self, image: BorrowedFd<'_>) -> SysResult<()> {
+        loopdev::detach(image)
+    }
+
+    fn refresh_loop_capacity(&self, device: &LoopDevice) -> SysResult<u64> {
+        loopdev::set_capacity(device)
+    }
+
+    fn device_size(&self, device: &LoopDevice) -> SysResult<u64> {
+        loopdev::block_device_size(device.fd.as_fd())
+    }
+
+    fn mount_device(
+        &self,
+        device: &LoopDevice,
+        kind: FsKind,
+        options: &[String],
+        target: BorrowedFd<'_>,
+        attrs: MountAttrs,
+    ) -> SysResult<()> {
+        blockfs::mount_device(device, kind, options, target, attrs)
+    }
+
+    fn make_fs(&self, device: &LoopDevice, kind: FsKind) -> Result<(), ToolError> {
+        blockfs::make_fs(device, kind)
+    }
+
+    fn grow_fs(
+        &self,
+        device: &LoopDevice,
+        kind: FsKind,
+        mount_point: &Path,
+    ) -> Result<(), ToolError> {
+        blockfs::grow_fs(device, kind, mount_point)
     }
 }
 

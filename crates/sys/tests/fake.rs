@@ -213,3 +213,100 @@ fn unmount_by_path() {
 fn fail_next_rejects_unknown_ops() {
     FakeKernel::new().fail_next("set_projet_limit", Errno::IO, 1);
 }
+
+#[test]
+fn fake_loop_devices_follow_the_image_pool_flow() {
+    use stowage_sys::blockfs::probe;
+    use stowage_sys::image::{create_image, grow_image, Allocation};
+    use stowage_sys::{DeviceContent, FsKind, LoopOptions, ToolFailure};
+
+    let kernel = FakeKernel::new();
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir(dir.path().join("mnt")).expect("mkdir");
+    let root = open_trusted_dir(dir.path()).expect("open");
+    let image = create_image(root.as_fd(), "v.img", 1 << 20, Allocation::Sparse).expect("image");
+    let other = create_image(root.as_fd(), "w.img", 1 << 20, Allocation::Sparse).expect("image");
+    let image_id = file_info(image.as_fd()).expect("info").id;
+    let target = common::path_fd(&dir.path().join("mnt"));
+    let target_id = file_info(target.as_fd()).expect("info").id;
+
+    assert!(kernel.find_loop(image.as_fd()).expect("find").is_none());
+    let options = LoopOptions::default();
+    let device = kernel.attach_loop(image.as_fd(), options).expect("attach");
+    assert!(device.newly_attached && device.direct_io);
+    assert_eq!(device.path.to_str(), Some("/dev/loop0"));
+    let again = kernel.attach_loop(image.as_fd(), options).expect("again");
+    assert_eq!((again.number, again.newly_attached), (0, false));
+    kernel.refuse_direct_io(true);
+    let second = kernel.attach_loop(other.as_fd(), options).expect("other");
+    assert_eq!(second.number, 1);
+    assert!(!second.direct_io);
+    assert_eq!(second.direct_io_refused, Some(Errno::INVAL));
+
+    // The handle reads the image: mkfs leaves a magic that probe recognises.
+    assert_eq!(
+        probe(device.fd.as_fd()).expect("probe"),
+        DeviceContent::Empty
+    );
+    kernel.make_fs(&device, FsKind::Xfs).expect("mkfs");
+    assert_eq!(
+        probe(device.fd.as_fd()).expect("probe"),
+        DeviceContent::Filesystem(FsKind::Xfs)
+    );
+    kernel.fail_next("make_fs", Errno::IO, 1);
+    let err = kernel.make_fs(&device, FsKind::Xfs).expect_err("injected");
+    assert_eq!(err.failure, ToolFailure::Spawn(Errno::IO));
+
+    let attrs = MountAttrs {
+        nosuid: true,
+        ..MountAttrs::default()
+    };
+    let options_list = vec!["discard".to_owned()];
+    kernel
+        .mount_device(&device, FsKind::Xfs, &options_list, target.as_fd(), attrs)
+        .expect("mount");
+    assert_eq!(kernel.mounted(), [(target_id, image_id, attrs)]);
+    // Mounted: detach is refused, as the kernel keeps a mounted device.
+    let err = kernel.detach_loop(image.as_fd()).expect_err("mounted");
+    assert_eq!(err.errno, Errno::BUSY);
+
+    // Growth: the device follows the image only after the capacity refresh.
+    grow_image(image.as_fd(), 2 << 20, Allocation::Sparse).expect("grow");
+    assert_eq!(kernel.device_size(&device).expect("size"), 1 << 20);
+    assert_eq!(
+        kernel.refresh_loop_capacity(&device).expect("refresh"),
+        2 << 20
+    );
+    assert_eq!(kernel.device_size(&device).expect("size"), 2 << 20);
+    kernel
+        .grow_fs(&device, FsKind::Xfs, &dir.path().join("mnt"))
+        .expect("grow fs");
+
+    kernel.unmount(&dir.path().join("mnt")).expect("unmount");
+    kernel.detach_loop(image.as_fd()).expect("detach");
+    kernel.detach_loop(image.as_fd()).expect("absent is fine");
+    assert_eq!(kernel.loops().len(), 1, "only the other image is left");
+    assert!(kernel.find_loop(image.as_fd()).expect("find").is_none());
+
+    let calls = kernel.calls();
+    assert!(calls.contains(&KernelCall::MountDevice {
+        number: 0,
+        kind: FsKind::Xfs,
+        options: options_list,
+        target: target_id,
+        attrs,
+    }));
+    assert!(calls.contains(&KernelCall::RefreshLoopCapacity { number: 0 }));
+    assert!(calls.contains(&KernelCall::GrowFs {
+        number: 0,
+        kind: FsKind::Xfs,
+        mount_point: dir.path().join("mnt"),
+    }));
+    assert_eq!(
+        calls
+            .iter()
+            .filter(|c| matches!(c, KernelCall::DetachLoop { image } if *image == image_id))
+            .count(),
+        3
+    );
+}
