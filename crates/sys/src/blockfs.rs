@@ -51,13 +51,13 @@ impl FsKind {
         }
     }
 
-    /// The smallest device its current mkfs accepts. xfsprogs refuses filesystems below
-    /// 300 MiB since 5.19; btrfs wants a little over 100 MiB with default profiles.
+    /// The smallest device its current mkfs accepts: xfsprogs refuses filesystems below
+    /// 300 MiB (since 5.19), btrfs-progs (6.2) devices below 109 MiB with default profiles.
     pub fn min_size(self) -> u64 {
         match self {
             FsKind::Ext4 => 1 << 20,
             FsKind::Xfs => 300 << 20,
-            FsKind::Btrfs => 114 << 20,
+            FsKind::Btrfs => 109 << 20,
         }
     }
 
