@@ -4,6 +4,7 @@
 //! A call flows one way: gRPC request → typed request (`stowage_core::request`, no I/O) →
 //! per-volume guard → [`engine::Engine`] (store + pool + kernel) → one error mapping.
 
+pub mod authority;
 pub mod crash;
 pub mod durable;
 pub mod engine;

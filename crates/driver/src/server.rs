@@ -15,6 +15,9 @@ use stowage_csi::v1::{
 use stowage_sys::{Kernel, LinuxKernel};
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
+use tokio_stream::StreamExt as _;
+
+use crate::authority::AuthorityFix;
 
 use crate::engine::{Engine, Identity};
 use crate::pool::Pool;
@@ -165,11 +168,14 @@ pub async fn serve(opts: ServeOptions, shutdown: impl Future<Output = ()> + Send
 
     let driver = Driver::new(Arc::clone(&engine), &opts.driver_name, opts.mode);
     let (stop_accepting, stopped) = tokio::sync::oneshot::channel::<()>();
+    // Every connection goes through the :authority adapter, so clients that send the socket
+    // path (raw or percent-encoded) as :authority are served too (authority.rs).
+    let incoming = UnixListenerStream::new(listener).map(|conn| conn.map(AuthorityFix::new));
     let server = tonic::transport::Server::builder()
         .add_service(IdentityServer::new(driver.clone()))
         .add_service(ControllerServer::new(driver.clone()))
         .add_service(NodeServer::new(driver.clone()))
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async {
+        .serve_with_incoming_shutdown(incoming, async {
             let _ = stopped.await;
         });
     tokio::pin!(server);
