@@ -82,6 +82,9 @@ pub struct Engine {
     pub(crate) guards: Guards,
     pub(crate) kernel: Arc<dyn Kernel>,
     tokens: PageTokens,
+    /// This node's topology as the wire carries it, built once: every volume in a
+    /// ListVolumes page carries a copy, and cloning a map is cheaper than building one.
+    topology: csi::Topology,
     ready: AtomicBool,
     /// Advertised by NodeGetInfo when set.
     pub max_volumes_per_node: Option<i64>,
@@ -101,6 +104,7 @@ impl Engine {
             .first()
             .map(|p| p.name().to_owned())
             .ok_or_else(|| Error::invalid("at least one pool is required"))?;
+        let topology = identity.topology();
         Ok(Engine {
             store,
             pools: pools
@@ -112,6 +116,7 @@ impl Engine {
             guards: Guards::default(),
             kernel,
             tokens: PageTokens::default(),
+            topology,
             ready: AtomicBool::new(false),
             max_volumes_per_node: None,
             kubelet_dirs: vec![PathBuf::from("/var/lib/kubelet")],
@@ -291,7 +296,7 @@ impl Engine {
             volume_id: vol.id.to_string(),
             volume_context: pool.volume_context().clone(),
             content_source: None,
-            accessible_topology: vec![self.identity.topology()],
+            accessible_topology: vec![self.topology.clone()],
         }
     }
 
@@ -563,7 +568,7 @@ impl Engine {
                         None => csi::Volume {
                             capacity_bytes: vol.capacity as i64,
                             volume_id: vol.id.to_string(),
-                            accessible_topology: vec![self.identity.topology()],
+                            accessible_topology: vec![self.topology.clone()],
                             ..Default::default()
                         },
                     }),
