@@ -577,7 +577,9 @@ impl TryFrom<&csi::ControllerExpandVolumeRequest> for ControllerExpand {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeExpand {
     pub volume: VolumeRef,
-    pub path: HostPath,
+    /// Where the volume should be: a path that cannot be one of stowage's is NOT_FOUND for
+    /// the engine, as for NodeGetVolumeStats.
+    pub path: ExistingPath,
     pub staging: Option<HostPath>,
     /// The size the CO asks for; None: grow to whatever the controller step gave the volume.
     pub capacity: Option<CapacityRange>,
@@ -588,7 +590,7 @@ impl TryFrom<&csi::NodeExpandVolumeRequest> for NodeExpand {
     type Error = Error;
     fn try_from(req: &csi::NodeExpandVolumeRequest) -> Result<Self> {
         let volume = VolumeRef::from_request(&req.volume_id)?;
-        let path = HostPath::parse("volume_path", &req.volume_path)?;
+        let path = ExistingPath::parse("volume_path", &req.volume_path)?;
         let staging = (!req.staging_target_path.is_empty())
             .then(|| HostPath::parse("staging_target_path", &req.staging_target_path))
             .transpose()?;

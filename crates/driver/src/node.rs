@@ -830,9 +830,13 @@ impl Engine {
                 req.path.as_str()
             ))
         };
+        let path = match &req.path {
+            ExistingPath::Host(path) => path.clone(),
+            ExistingPath::Nowhere { why, .. } => return Err(not_there(why.clone())),
+        };
         let record = self
             .store
-            .publication_at(req.path.as_str())?
+            .publication_at(path.as_str())?
             .filter(|p| p.volume_id == vol.id && p.state == PublicationState::Mounted)
             .ok_or_else(|| not_there("no staging or publication of it is recorded there".into()))?;
         let mark = match pool.backend().mark(&vol) {
@@ -840,7 +844,7 @@ impl Engine {
             Err(Error::NotFound(m)) => return Err(not_there(m)),
             Err(e) => return Err(e),
         };
-        let at = self.locate("volume_path", &req.path)?;
+        let at = self.locate("volume_path", &path)?;
         match self.leaf("volume_path", &at)? {
             Leaf::MountRoot { id, .. } if mark.matches(id) => {}
             Leaf::Plain { is_dir: true, .. }
@@ -865,7 +869,7 @@ impl Engine {
             pool.backend().expand(&vol, want)?;
             vol.capacity = want;
         }
-        let size = pool.backend().node_expand(&vol, req.path.as_path())?;
+        let size = pool.backend().node_expand(&vol, path.as_path())?;
         Ok(csi::NodeExpandVolumeResponse {
             capacity_bytes: i64::try_from(size).unwrap_or(i64::MAX),
         })
