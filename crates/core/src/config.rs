@@ -7,6 +7,12 @@
 //! kind = "dir"
 //! path = "/mnt/nvme0/stowage"
 //! default_size = "1Gi"
+//!
+//! [[pool]]
+//! name = "hard"
+//! kind = "image"              # a sparse image file per volume on a loop device
+//! path = "/mnt/data/stowage-images"
+//! overcommit_ratio = 1.0      # optional; above 1.0 sparse images may promise more than the disk has
 //! ```
 
 use std::collections::BTreeSet;
@@ -24,7 +30,7 @@ pub const DEFAULT_VOLUME_SIZE: u64 = 1 << 30;
 pub const DEFAULT_POOL: &str = "default";
 
 /// The whole configuration file.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// The pools of this node; the first one is the default.
@@ -41,6 +47,8 @@ pub struct Config {
 pub enum PoolKind {
     /// A directory per volume, capacity by project quota where the filesystem has it.
     Dir,
+    /// A sparse image file per volume on a loop device: hard capacity on any filesystem.
+    Image,
 }
 
 impl PoolKind {
@@ -48,12 +56,13 @@ impl PoolKind {
     pub fn as_str(self) -> &'static str {
         match self {
             PoolKind::Dir => "dir",
+            PoolKind::Image => "image",
         }
     }
 }
 
 /// One pool.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PoolConfig {
     /// Name a StorageClass uses in its `pool` parameter.
@@ -65,6 +74,11 @@ pub struct PoolConfig {
     /// Size of volumes whose request names none (`1Gi` when absent).
     #[serde(default)]
     pub default_size: Option<String>,
+    /// `image` pools only: how far the sizes of all volumes together may exceed the pool
+    /// filesystem's size (1.0, the default: not at all — the unallocated part of every sparse
+    /// image counts as taken, so a volume can always write its whole size).
+    #[serde(default)]
+    pub overcommit_ratio: Option<f64>,
 }
 
 impl PoolConfig {
@@ -94,6 +108,7 @@ impl Config {
                 kind: PoolKind::Dir,
                 path: state_dir.join("pools").join(DEFAULT_POOL),
                 default_size: None,
+                overcommit_ratio: None,
             }],
             max_volumes_per_node: None,
         }
@@ -126,6 +141,20 @@ impl Config {
             }
             pool.default_size_bytes()
                 .map_err(|e| Error::invalid(format!("config: pool {:?}: {e}", pool.name)))?;
+            if let Some(ratio) = pool.overcommit_ratio {
+                if pool.kind != PoolKind::Image {
+                    return Err(Error::invalid(format!(
+                        "config: pool {:?}: overcommit_ratio applies to image pools only",
+                        pool.name
+                    )));
+                }
+                if !(ratio.is_finite() && (1.0..=100.0).contains(&ratio)) {
+                    return Err(Error::invalid(format!(
+                        "config: pool {:?}: overcommit_ratio {ratio} must be between 1.0 and 100",
+                        pool.name
+                    )));
+                }
+            }
         }
         if let Some(n) = self.max_volumes_per_node {
             if n <= 0 {
@@ -181,9 +210,21 @@ mod tests {
             "[[pool]]\nname = \"a\"\nkind = \"dir\"\npath = \"/srv\"\nextra = 1\n",
             "[[pool]]\nname = \"a\"\nkind = \"dir\"\npath = \"/a\"\n[[pool]]\nname = \"a\"\nkind = \"dir\"\npath = \"/b\"\n",
             "[[pool]]\nname = \"a\"\nkind = \"dir\"\npath = \"/a\"\ndefault_size = \"lots\"\n",
+            "[[pool]]\nname = \"a\"\nkind = \"dir\"\npath = \"/a\"\novercommit_ratio = 2.0\n",
+            "[[pool]]\nname = \"a\"\nkind = \"image\"\npath = \"/a\"\novercommit_ratio = 0.5\n",
         ] {
             assert!(Config::from_toml(bad).is_err(), "accepted {bad:?}");
         }
+    }
+
+    #[test]
+    fn parses_image_pools() {
+        let cfg = Config::from_toml(
+            "[[pool]]\nname = \"hard\"\nkind = \"image\"\npath = \"/srv/img\"\novercommit_ratio = 1.5\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.pools[0].kind, PoolKind::Image);
+        assert_eq!(cfg.pools[0].overcommit_ratio, Some(1.5));
     }
 
     #[test]

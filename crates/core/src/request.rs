@@ -19,6 +19,9 @@ pub const PARAM_PVC_NAME: &str = "csi.storage.k8s.io/pvc/name";
 pub const PARAM_PVC_NAMESPACE: &str = "csi.storage.k8s.io/pvc/namespace";
 /// Added by the external-provisioner with `--extra-create-metadata`.
 pub const PARAM_PV_NAME: &str = "csi.storage.k8s.io/pv/name";
+/// StorageClass parameter of `image` pools: `sparse` (the default) or `full` (every byte of
+/// the image allocated at creation and expansion).
+pub const PARAM_ALLOCATION: &str = "allocation";
 
 /// The CSI limit on a map field.
 pub const MAX_MAP_BYTES: usize = 4096;
@@ -333,6 +336,8 @@ pub struct VolumeParams {
     pub pvc_name: Option<String>,
     pub pvc_namespace: Option<String>,
     pub pv_name: Option<String>,
+    /// `allocation = "full"`: allocate the whole volume up front (image pools).
+    pub full_allocation: bool,
 }
 
 impl VolumeParams {
@@ -352,9 +357,20 @@ impl VolumeParams {
                 PARAM_PVC_NAME => out.pvc_name = Some(value.clone()),
                 PARAM_PVC_NAMESPACE => out.pvc_namespace = Some(value.clone()),
                 PARAM_PV_NAME => out.pv_name = Some(value.clone()),
+                PARAM_ALLOCATION => {
+                    out.full_allocation = match value.as_str() {
+                        "sparse" => false,
+                        "full" => true,
+                        other => {
+                            return Err(Error::InvalidArgument(format!(
+                                "parameter {PARAM_ALLOCATION:?} is {other:?}; accepted: \"sparse\", \"full\""
+                            )))
+                        }
+                    }
+                }
                 other => {
                     return Err(Error::InvalidArgument(format!(
-                        "parameter {other:?} is not known; accepted: {PARAM_POOL}, {PARAM_PVC_NAME}, {PARAM_PVC_NAMESPACE}, {PARAM_PV_NAME}"
+                        "parameter {other:?} is not known; accepted: {PARAM_POOL}, {PARAM_ALLOCATION}, {PARAM_PVC_NAME}, {PARAM_PVC_NAMESPACE}, {PARAM_PV_NAME}"
                     )))
                 }
             }
@@ -561,7 +577,9 @@ impl TryFrom<&csi::ControllerExpandVolumeRequest> for ControllerExpand {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeExpand {
     pub volume: VolumeRef,
-    pub path: HostPath,
+    /// Where the volume should be: a path that cannot be one of stowage's is NOT_FOUND for
+    /// the engine, as for NodeGetVolumeStats.
+    pub path: ExistingPath,
     pub staging: Option<HostPath>,
     /// The size the CO asks for; None: grow to whatever the controller step gave the volume.
     pub capacity: Option<CapacityRange>,
@@ -572,7 +590,7 @@ impl TryFrom<&csi::NodeExpandVolumeRequest> for NodeExpand {
     type Error = Error;
     fn try_from(req: &csi::NodeExpandVolumeRequest) -> Result<Self> {
         let volume = VolumeRef::from_request(&req.volume_id)?;
-        let path = HostPath::parse("volume_path", &req.volume_path)?;
+        let path = ExistingPath::parse("volume_path", &req.volume_path)?;
         let staging = (!req.staging_target_path.is_empty())
             .then(|| HostPath::parse("staging_target_path", &req.staging_target_path))
             .transpose()?;
@@ -977,6 +995,12 @@ mod tests {
         r.parameters.insert("pool".into(), "fast".into());
         r.parameters.insert(PARAM_PVC_NAME.into(), "data".into());
         cases.push(("known params", r, Ok));
+        let mut r = create("a");
+        r.parameters.insert(PARAM_ALLOCATION.into(), "full".into());
+        cases.push(("full allocation", r, Ok));
+        let mut r = create("a");
+        r.parameters.insert(PARAM_ALLOCATION.into(), "thick".into());
+        cases.push(("unknown allocation", r, InvalidArgument));
         let mut r = create("a");
         r.parameters.insert("replicas".into(), "3".into());
         cases.push(("unknown param", r, InvalidArgument));

@@ -11,8 +11,8 @@ use std::sync::Arc;
 
 use stowage_core::ids::{not_found, VolumeRef};
 use stowage_core::request::{
-    Access, Capability, CreateVolume, DeleteVolume, GetCapacity, GetVolume, ListVolumes, Segments,
-    ValidateCapabilities, VolumeParams,
+    Access, Capability, ControllerExpand, CreateVolume, DeleteVolume, GetCapacity, GetVolume,
+    ListVolumes, Segments, ValidateCapabilities, VolumeParams,
 };
 use stowage_core::{Error, Result, VolumeId};
 use stowage_csi::v1 as csi;
@@ -370,7 +370,27 @@ impl Engine {
                 }
             }
             None => {
-                let size = req.capacity.choose(pool.default_size(), SIZE_GRANULE);
+                let mut size = req.capacity.choose(pool.default_size(), SIZE_GRANULE);
+                // A filesystem with a minimum size (xfs, btrfs on an image pool): a smaller
+                // request is rounded up to it when its limit allows, refused otherwise.
+                let minimum = req
+                    .capabilities
+                    .iter()
+                    .filter_map(|c| match &c.access {
+                        Access::Mount(m) => Some(pool.backend().min_volume_size(&m.fs_type)),
+                        Access::Block => None,
+                    })
+                    .max()
+                    .unwrap_or(0);
+                if size < minimum {
+                    if req.capacity.limit.is_some_and(|l| l < minimum) {
+                        return Err(Error::OutOfRange(format!(
+                            "the requested filesystem needs at least {minimum} bytes; the limit is {}",
+                            req.capacity.limit.unwrap_or(0)
+                        )));
+                    }
+                    size = minimum;
+                }
                 let space = pool.backend().capacity()?;
                 if size > space.total {
                     return Err(Error::OutOfRange(format!(
@@ -389,6 +409,7 @@ impl Engine {
                     pvc_name: req.params.pvc_name.as_deref(),
                     pvc_namespace: req.params.pvc_namespace.as_deref(),
                     pv_name: req.params.pv_name.as_deref(),
+                    full_allocation: req.params.full_allocation,
                 })?
             }
         };
@@ -436,6 +457,50 @@ impl Engine {
         pool.backend().delete(&vol)?;
         crate::crash::point("delete-after-backend");
         self.store.remove_volume(&id)
+    }
+
+    /// ControllerExpandVolume: records the new capacity durably (the intent), then grows the
+    /// volume's storage. Never shrinks: a capacity at or below the recorded one answers the
+    /// recorded one (and finishes a growth a crash interrupted).
+    pub fn controller_expand(
+        &self,
+        req: ControllerExpand,
+    ) -> Result<csi::ControllerExpandVolumeResponse> {
+        let id = req.volume.require()?.clone();
+        let _guard = self.claim(&id)?;
+        let (vol, pool) = self.ready_volume(&req.volume)?;
+        if let Some(cap) = &req.capability {
+            if let Some(why) = Self::unsupported(&pool, cap) {
+                return Err(Error::InvalidArgument(why));
+            }
+            if cap.is_block() != vol.block {
+                return Err(Error::InvalidArgument(format!(
+                    "volume {id} is a {} volume",
+                    if vol.block { "block" } else { "filesystem" }
+                )));
+            }
+        }
+        let want = req.capacity.choose(vol.capacity, SIZE_GRANULE);
+        // Never shrinks: a lowered request is answered with the size the volume has.
+        let target = want.max(vol.capacity);
+        if target > vol.capacity {
+            let space = pool.backend().capacity()?;
+            if target > space.total {
+                return Err(Error::OutOfRange(format!(
+                    "{target} bytes requested, but pool {:?} has {} bytes in all",
+                    pool.name(),
+                    space.total
+                )));
+            }
+            self.store.set_volume_capacity(&id, target)?;
+        }
+        crate::crash::point("expand-after-intent");
+        let node_expansion_required = pool.backend().expand(&vol, target)?;
+        crate::crash::point("expand-after-backend");
+        Ok(csi::ControllerExpandVolumeResponse {
+            capacity_bytes: i64::try_from(target).unwrap_or(i64::MAX),
+            node_expansion_required,
+        })
     }
 
     /// A ready volume by id, or NOT_FOUND.
@@ -659,6 +724,7 @@ mod tests {
             kind: PoolKind::Dir,
             path: dir.join("pool"),
             default_size: None,
+            overcommit_ratio: None,
         };
         let pool = Pool::open(&cfg, kernel.clone()).unwrap();
         let identity = Identity {
@@ -750,6 +816,7 @@ mod tests {
             kind: PoolKind::Dir,
             path: dir.path().join("pool"),
             default_size: None,
+            overcommit_ratio: None,
         };
         let pool = Pool::open(&cfg, kernel.clone()).unwrap();
         let identity = Identity {
@@ -768,6 +835,7 @@ mod tests {
                 pvc_name: None,
                 pvc_namespace: None,
                 pv_name: None,
+                full_allocation: false,
             })
             .unwrap();
         store.set_volume_state(&id, VolumeState::Ready).unwrap();
@@ -800,6 +868,7 @@ mod tests {
             kind: PoolKind::Dir,
             path: dir.path().join("p"),
             default_size: None,
+            overcommit_ratio: None,
         };
         let pool = Pool::open(&cfg, kernel.clone()).unwrap();
         let identity = Identity {

@@ -15,8 +15,8 @@ use std::sync::Arc;
 
 use stowage_core::ids::{not_found, VolumeRef};
 use stowage_core::request::{
-    Access, AccessMode, Capability, ExistingPath, HostPath, MountFlag, NodePublish, NodeStage,
-    NodeStats, NodeUnpublish, NodeUnstage,
+    Access, AccessMode, Capability, ExistingPath, HostPath, MountFlag, NodeExpand, NodePublish,
+    NodeStage, NodeStats, NodeUnpublish, NodeUnstage,
 };
 use stowage_core::{Error, Result};
 use stowage_csi::v1 as csi;
@@ -26,12 +26,36 @@ use stowage_sys::{Errno, MountAttrs, SysError};
 use tonic::{Request, Response, Status};
 
 use crate::engine::Engine;
-use crate::pool::{Mark, Pool, StageRequest};
+use crate::pool::{Mark, Pool, StageRequest, SIZE_GRANULE};
 use crate::service::{quiet, Cost, Driver, Service};
 use crate::store::{Publication, PublicationKind, PublicationState, VolumeRecord};
 
 /// How many stacked mounts of ours unpublish removes from one path before giving up.
 const MAX_STACKED_MOUNTS: usize = 8;
+
+/// The mark of a volume none of whose storage is attached: it matches no mount.
+const UNMOUNTED: Mark = Mark::Inode(InodeId {
+    dev: u64::MAX,
+    ino: u64::MAX,
+});
+
+/// What a publication's mount point is: a directory, or for a raw block volume's
+/// publication the regular file its device node is bound onto.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Entry {
+    Dir,
+    File,
+}
+
+impl Entry {
+    fn of(vol: &VolumeRecord, kind: PublicationKind) -> Self {
+        if vol.block && kind == PublicationKind::Publish {
+            Entry::File
+        } else {
+            Entry::Dir
+        }
+    }
+}
 
 /// A request path opened as far as its parent directory.
 struct Located {
@@ -214,10 +238,12 @@ impl Engine {
     /// there, and records it: the intent (`mounting`, and whether the driver makes the
     /// directory) before anything changes on disk, `mounted` after. Anything at the path that
     /// is not a plain directory or our own mount is refused.
+    #[allow(clippy::too_many_arguments)]
     fn mount_recorded(
         &self,
         field: &str,
         at: &Located,
+        entry: Entry,
         volume: Mark,
         mut record: Publication,
         mount: impl FnOnce(BorrowedFd<'_>) -> Result<()>,
@@ -230,15 +256,20 @@ impl Engine {
                     at.path.as_str()
                 )))
             }
-            Leaf::Plain { fd, is_dir: true } => {
+            Leaf::Plain { fd, is_dir } if is_dir == (entry == Entry::Dir) => {
                 record.state = PublicationState::Mounting;
                 self.store.put_publication(&record)?;
                 Some(fd)
             }
             Leaf::Plain { .. } => {
                 return Err(Error::InvalidArgument(format!(
-                    "{field} {:?} exists and is not a directory",
-                    at.path.as_str()
+                    "{field} {:?} exists and is not a {}",
+                    at.path.as_str(),
+                    if entry == Entry::Dir {
+                        "directory"
+                    } else {
+                        "regular file (a block volume is published onto a file)"
+                    }
                 )))
             }
             Leaf::Missing => {
@@ -246,13 +277,17 @@ impl Engine {
                 record.state = PublicationState::Mounting;
                 self.store.put_publication(&record)?;
                 crate::crash::point("mount-after-intent");
-                match sysfs::mkdir_at(at.parent.as_fd(), &at.name, 0o750) {
+                let made = match entry {
+                    Entry::Dir => sysfs::mkdir_at(at.parent.as_fd(), &at.name, 0o750),
+                    Entry::File => sysfs::create_file_at(at.parent.as_fd(), &at.name, 0o640),
+                };
+                match made {
                     Ok(()) => {}
                     Err(e) if e.errno == Errno::EXIST => {}
                     Err(e) => return Err(Error::internal(format!("creating {field}"), e)),
                 }
                 match self.leaf(field, at)? {
-                    Leaf::Plain { fd, is_dir: true } => Some(fd),
+                    Leaf::Plain { fd, is_dir } if is_dir == (entry == Entry::Dir) => Some(fd),
                     _ => {
                         return Err(Error::Internal(format!(
                             "{field} {:?} changed while it was being created",
@@ -278,10 +313,12 @@ impl Engine {
     /// Removes our mounts at the located path (stacked ones too), runs `release` (what the
     /// backend holds besides a staging mount), then removes the directory if we made it. A
     /// mount of anything else is left alone.
+    #[allow(clippy::too_many_arguments)]
     fn unmount_recorded(
         &self,
         field: &str,
         at: &Located,
+        entry: Entry,
         volume: Option<Mark>,
         record: Option<&Publication>,
         release: impl FnOnce() -> Result<()>,
@@ -351,7 +388,11 @@ impl Engine {
         crate::crash::point("unmount-after-unmount");
         release()?;
         if record.is_some_and(|r| r.created_dir) {
-            match sysfs::rmdir_at(at.parent.as_fd(), &at.name) {
+            let removed = match entry {
+                Entry::Dir => sysfs::rmdir_at(at.parent.as_fd(), &at.name),
+                Entry::File => sysfs::unlink_at(at.parent.as_fd(), &at.name),
+            };
+            match removed {
                 Ok(()) => {}
                 Err(e) if e.errno == Errno::NOENT => {}
                 Err(e) => {
@@ -368,7 +409,7 @@ impl Engine {
     /// NodeStageVolume: the pool's backend mounts the volume at the staging path (a `dir`
     /// pool binds the volume's directory).
     pub fn node_stage(&self, req: NodeStage) -> Result<()> {
-        let (vol, pool) = self.ready_volume(&req.volume)?;
+        let (mut vol, pool) = self.ready_volume(&req.volume)?;
         let _guard = self.claim(&vol.id)?;
         Self::check_node_capability(&pool, &vol, &req.capability)?;
         let at = self.locate("staging_target_path", &req.staging)?;
@@ -393,7 +434,16 @@ impl Engine {
                 )));
             }
         }
-        let mark = pool.backend().mark(&vol)?;
+        // What the volume keeps for its life (its filesystem, its device's block size) is
+        // recorded before the device is configured or formatted with it.
+        if let Some(layout) = pool.backend().prepare_stage(&vol, &req.capability.access)? {
+            self.store
+                .set_volume_layout(&vol.id, layout.fs_type.as_deref(), layout.block_size)?;
+            vol.fs_type = layout.fs_type;
+            vol.block_size = layout.block_size;
+        }
+        // A device-backed volume not attached yet has nothing mounted anywhere.
+        let mark = self.mark_of(&vol)?.unwrap_or(UNMOUNTED);
         let record = Publication {
             path: req.staging.as_str().to_owned(),
             volume_id: vol.id.clone(),
@@ -413,9 +463,14 @@ impl Engine {
                 ..Default::default()
             },
         };
-        self.mount_recorded("staging_target_path", &at, mark, record, |target| {
-            pool.backend().stage(&vol, target, &how)
-        })
+        self.mount_recorded(
+            "staging_target_path",
+            &at,
+            Entry::Dir,
+            mark,
+            record,
+            |target| pool.backend().stage(&vol, target, &how),
+        )
     }
 
     /// NodeUnstageVolume: unmount the staging path. Not staged there is OK.
@@ -445,9 +500,14 @@ impl Engine {
             return Ok(());
         };
         let mark = self.mark_of(&vol)?;
-        self.unmount_recorded("staging_target_path", &at, mark, record.as_ref(), || {
-            self.release_staging(&vol)
-        })
+        self.unmount_recorded(
+            "staging_target_path",
+            &at,
+            Entry::Dir,
+            mark,
+            record.as_ref(),
+            || self.release_staging(&vol),
+        )
     }
 
     /// NodePublishVolume: bind the staged volume at the target path.
@@ -479,9 +539,20 @@ impl Engine {
                 req.staging.as_str()
             )));
         }
-        let mark = pool.backend().mark(&vol)?;
+        let not_staged = || {
+            Error::FailedPrecondition(format!(
+                "the device of volume {} is not attached; stage the volume again",
+                vol.id
+            ))
+        };
+        let mark = match pool.backend().mark(&vol) {
+            Err(Error::NotFound(_)) if vol.block => return Err(not_staged()),
+            other => other?,
+        };
         let staged = match self.leaf("staging_target_path", &staging)? {
             Leaf::MountRoot { fd, id } if mark.matches(id) => fd,
+            // A block volume's staging holds no mount: the attached device is the stage.
+            Leaf::Plain { fd, is_dir: true } if vol.block => fd,
             _ => {
                 return Err(Error::FailedPrecondition(format!(
                     "the staging mount of volume {} at {:?} is missing; stage the volume again",
@@ -541,8 +612,11 @@ impl Engine {
             staging_path: Some(req.staging.as_str().to_owned()),
         };
         let source = pool.backend().publish_source(&vol, staged)?;
-        let attrs = attrs_for(&req.capability, read_only);
-        self.mount_recorded("target_path", &target, mark, record, |target| {
+        let mut attrs = attrs_for(&req.capability, read_only);
+        // The pod must be able to open the device node: no nodev on that one bind.
+        attrs.nodev = !vol.block;
+        let entry = Entry::of(&vol, PublicationKind::Publish);
+        self.mount_recorded("target_path", &target, entry, mark, record, |target| {
             self.kernel
                 .bind_mount(source.as_fd(), target, attrs)
                 .map_err(|e| Error::internal("bind mount", e))
@@ -562,7 +636,8 @@ impl Engine {
             return Ok(());
         };
         let mark = self.mark_of(&vol)?;
-        self.unmount_recorded("target_path", &at, mark, record.as_ref(), || Ok(()))
+        let entry = Entry::of(&vol, PublicationKind::Publish);
+        self.unmount_recorded("target_path", &at, entry, mark, record.as_ref(), || Ok(()))
     }
 
     /// The publication recorded at a path, if any. Records are only ever made at clean
@@ -676,6 +751,13 @@ impl Engine {
         let at = self.locate("volume_path", &path)?;
         let mounted = match self.leaf("volume_path", &at)? {
             Leaf::MountRoot { fd, id } if mark.matches(id) => fd,
+            // A staged block volume: its device is attached (the mark says so), nothing is
+            // mounted at the staging path.
+            Leaf::Plain { fd, is_dir: true }
+                if vol.block && record.kind == PublicationKind::Stage =>
+            {
+                fd
+            }
             _ => {
                 return Ok(abnormal(format!(
                     "the volume is not mounted at {:?} any more",
@@ -683,10 +765,23 @@ impl Engine {
                 )))
             }
         };
-        let space = sysfs::fs_space(mounted.as_fd())
-            .map_err(|e| Error::internal("statvfs of volume_path", e))?;
-        let usage = pool.backend().usage(&vol, mounted.as_fd())?;
-        let condition = if space.read_only && !record.read_only {
+        let read_only = if vol.block {
+            false
+        } else {
+            match sysfs::fs_space(mounted.as_fd()) {
+                Ok(space) => space.read_only,
+                Err(e) if e.errno == Errno::IO => {
+                    return Ok(abnormal(format!("the volume's filesystem fails: {e}")))
+                }
+                Err(e) => return Err(Error::internal("statvfs of volume_path", e)),
+            }
+        };
+        let usage = match pool.backend().usage(&vol, mounted.as_fd()) {
+            Ok(usage) => usage,
+            Err(Error::Internal(m)) | Err(Error::NotFound(m)) => return Ok(abnormal(m)),
+            Err(e) => return Err(e),
+        };
+        let condition = if read_only && !record.read_only {
             csi::VolumeCondition {
                 abnormal: true,
                 message: "the volume's filesystem is read-only".to_owned(),
@@ -715,6 +810,68 @@ impl Engine {
                 },
             ],
             volume_condition: Some(condition),
+        })
+    }
+
+    /// NodeExpandVolume: the volume must be staged or published at `volume_path` (NOT_FOUND
+    /// otherwise). A capacity above the recorded one is recorded first (the controller step
+    /// may not have reached this node) and the storage grown; then the backend makes the
+    /// device and the mounted filesystem follow. Idempotent.
+    pub fn node_expand(&self, req: NodeExpand) -> Result<csi::NodeExpandVolumeResponse> {
+        let (mut vol, pool) = self.ready_volume(&req.volume)?;
+        let _guard = self.claim(&vol.id)?;
+        if let Some(cap) = &req.capability {
+            Self::check_node_capability(&pool, &vol, cap)?;
+        }
+        let not_there = |why: String| {
+            Error::NotFound(format!(
+                "volume {} is not staged or published at volume_path {:?}: {why}",
+                vol.id,
+                req.path.as_str()
+            ))
+        };
+        let path = match &req.path {
+            ExistingPath::Host(path) => path.clone(),
+            ExistingPath::Nowhere { why, .. } => return Err(not_there(why.clone())),
+        };
+        let record = self
+            .store
+            .publication_at(path.as_str())?
+            .filter(|p| p.volume_id == vol.id && p.state == PublicationState::Mounted)
+            .ok_or_else(|| not_there("no staging or publication of it is recorded there".into()))?;
+        let mark = match pool.backend().mark(&vol) {
+            Ok(mark) => mark,
+            Err(Error::NotFound(m)) => return Err(not_there(m)),
+            Err(e) => return Err(e),
+        };
+        let at = self.locate("volume_path", &path)?;
+        match self.leaf("volume_path", &at)? {
+            Leaf::MountRoot { id, .. } if mark.matches(id) => {}
+            Leaf::Plain { is_dir: true, .. }
+                if vol.block && record.kind == PublicationKind::Stage => {}
+            _ => return Err(not_there("its mount is not there".into())),
+        }
+        let want = req
+            .capacity
+            .as_ref()
+            .map_or(vol.capacity, |r| r.choose(vol.capacity, SIZE_GRANULE));
+        if want > vol.capacity {
+            let space = pool.backend().capacity()?;
+            if want > space.total {
+                return Err(Error::OutOfRange(format!(
+                    "{want} bytes requested, but pool {:?} has {} bytes in all",
+                    pool.name(),
+                    space.total
+                )));
+            }
+            self.store.set_volume_capacity(&vol.id, want)?;
+            crate::crash::point("node-expand-after-intent");
+            pool.backend().expand(&vol, want)?;
+            vol.capacity = want;
+        }
+        let size = pool.backend().node_expand(&vol, path.as_path())?;
+        Ok(csi::NodeExpandVolumeResponse {
+            capacity_bytes: i64::try_from(size).unwrap_or(i64::MAX),
         })
     }
 
@@ -754,7 +911,11 @@ impl Engine {
                             (Some(vol), PublicationKind::Stage) => self.release_staging(vol),
                             _ => Ok(()),
                         };
-                        self.unmount_recorded(field, &at, mark, Some(&record), release)?;
+                        let entry = match &vol {
+                            Some(vol) => Entry::of(vol, record.kind),
+                            None => Entry::Dir,
+                        };
+                        self.unmount_recorded(field, &at, entry, mark, Some(&record), release)?;
                         Ok("cleaned")
                     }
                 }
@@ -872,14 +1033,18 @@ impl csi::node_server::Node for Driver {
 
     async fn node_expand_volume(
         &self,
-        _req: Request<csi::NodeExpandVolumeRequest>,
+        req: Request<csi::NodeExpandVolumeRequest>,
     ) -> Result<Response<csi::NodeExpandVolumeResponse>, Status> {
-        self.serves(Service::Node)?;
-        tracing::info!(rpc = "NodeExpandVolume", outcome = "Unimplemented");
-        Err(Error::Unimplemented(
-            "NodeExpandVolume is not offered by stowage (see NodeGetCapabilities)".into(),
+        let req = req.into_inner();
+        let subject = req.volume_id.clone();
+        self.call(
+            Service::Node,
+            Cost::Blocking,
+            "NodeExpandVolume",
+            &subject,
+            move |e| e.node_expand(NodeExpand::try_from(&req)?),
         )
-        .into())
+        .await
     }
 
     async fn node_get_capabilities(
@@ -893,6 +1058,7 @@ impl csi::node_server::Node for Driver {
             NodeCap::GetVolumeStats,
             NodeCap::VolumeCondition,
             NodeCap::SingleNodeMultiWriter,
+            NodeCap::ExpandVolume,
         ]
         .into_iter()
         .map(|t| csi::NodeServiceCapability {

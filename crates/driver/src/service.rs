@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use stowage_core::request::{
-    CreateVolume, DeleteVolume, GetCapacity, GetVolume, ListVolumes, ValidateCapabilities,
+    ControllerExpand, CreateVolume, DeleteVolume, GetCapacity, GetVolume, ListVolumes,
+    ValidateCapabilities,
 };
 use stowage_core::{Error, Result};
 use stowage_csi::v1 as csi;
@@ -183,7 +184,17 @@ impl csi::identity_server::Identity for Driver {
                 csi::plugin_capability::Service { r#type: t as i32 },
             )),
         };
-        let mut capabilities = vec![service(PluginService::VolumeAccessibilityConstraints)];
+        let mut capabilities = vec![
+            service(PluginService::VolumeAccessibilityConstraints),
+            // Volumes grow while in use: image volumes' filesystems are grown mounted.
+            csi::PluginCapability {
+                r#type: Some(csi::plugin_capability::Type::VolumeExpansion(
+                    csi::plugin_capability::VolumeExpansion {
+                        r#type: csi::plugin_capability::volume_expansion::Type::Online as i32,
+                    },
+                )),
+            },
+        ];
         if self.mode.controller() {
             capabilities.insert(0, service(PluginService::ControllerService));
         }
@@ -334,6 +345,7 @@ impl csi::controller_server::Controller for Driver {
             CtrlCap::GetVolume,
             CtrlCap::VolumeCondition,
             CtrlCap::SingleNodeMultiWriter,
+            CtrlCap::ExpandVolume,
         ]
         .into_iter()
         .map(|t| csi::ControllerServiceCapability {
@@ -377,9 +389,18 @@ impl csi::controller_server::Controller for Driver {
 
     async fn controller_expand_volume(
         &self,
-        _req: Request<csi::ControllerExpandVolumeRequest>,
+        req: Request<csi::ControllerExpandVolumeRequest>,
     ) -> Result<Response<csi::ControllerExpandVolumeResponse>, Status> {
-        unimplemented(self, "ControllerExpandVolume")
+        let req = req.into_inner();
+        let subject = req.volume_id.clone();
+        self.call(
+            Service::Controller,
+            Cost::Blocking,
+            "ControllerExpandVolume",
+            &subject,
+            move |e| e.controller_expand(ControllerExpand::try_from(&req)?),
+        )
+        .await
     }
 
     async fn controller_get_volume(

@@ -22,7 +22,7 @@ use crate::durable::GroupSync;
 /// SQLite's AUTOINCREMENT never reuses, so a project id never names two volumes.
 pub const PROJECT_ID_BASE: u64 = 2_000_000_000;
 
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
 const SCHEMA: &str = "
 CREATE TABLE volumes (
@@ -36,7 +36,10 @@ CREATE TABLE volumes (
     pvc_name      TEXT,
     pvc_namespace TEXT,
     pv_name       TEXT,
-    created_at    INTEGER NOT NULL
+    created_at    INTEGER NOT NULL,
+    fs_type       TEXT,
+    block_size    INTEGER,
+    full_alloc    INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX volumes_state ON volumes (state) WHERE state != 'ready';
 CREATE TABLE publications (
@@ -51,6 +54,15 @@ CREATE TABLE publications (
     staging_path  TEXT
 );
 CREATE INDEX publications_volume ON publications (volume_id);
+";
+
+/// Version 1 to 2: what an `image` volume keeps for its whole life (the filesystem made on
+/// it, the block size of its loop device) and whether it is fully allocated. Existing rows
+/// (all `dir` volumes) get NULL, NULL, 0.
+const MIGRATE_1_TO_2: &str = "
+ALTER TABLE volumes ADD COLUMN fs_type TEXT;
+ALTER TABLE volumes ADD COLUMN block_size INTEGER;
+ALTER TABLE volumes ADD COLUMN full_alloc INTEGER NOT NULL DEFAULT 0;
 ";
 
 /// Lifecycle state of a volume record.
@@ -101,6 +113,14 @@ pub struct VolumeRecord {
     pub pvc_namespace: Option<String>,
     pub pv_name: Option<String>,
     pub created_at: i64,
+    /// The filesystem made on the volume's device (image pools), once decided at the first
+    /// stage; None before that and for other kinds.
+    pub fs_type: Option<String>,
+    /// The logical block size of the volume's loop device (image pools), fixed at the first
+    /// stage: a filesystem made on one block size may not mount on another.
+    pub block_size: Option<u32>,
+    /// Every byte of the volume is allocated on the pool's filesystem (`allocation=full`).
+    pub full_allocation: bool,
 }
 
 impl VolumeRecord {
@@ -121,6 +141,7 @@ pub struct NewVolume<'a> {
     pub pvc_name: Option<&'a str>,
     pub pvc_namespace: Option<&'a str>,
     pub pv_name: Option<&'a str>,
+    pub full_allocation: bool,
 }
 
 /// Kind of a node publication.
@@ -241,6 +262,9 @@ fn volume_from_row(row: &Row<'_>) -> rusqlite::Result<VolumeRecord> {
         pvc_namespace: row.get(8)?,
         pv_name: row.get(9)?,
         created_at: row.get(10)?,
+        fs_type: row.get(11)?,
+        block_size: row.get(12)?,
+        full_allocation: row.get(13)?,
     })
 }
 
@@ -266,9 +290,8 @@ fn publication_from_row(row: &Row<'_>) -> rusqlite::Result<Publication> {
     })
 }
 
-const VOLUME_COLUMNS: &str =
-    "seq, id, name, pool, capacity, state, block, pvc_name, pvc_namespace, pv_name, created_at";
-const VOLUME_COLUMN_COUNT: usize = 11;
+const VOLUME_COLUMNS: &str = "seq, id, name, pool, capacity, state, block, pvc_name, pvc_namespace, pv_name, created_at, fs_type, block_size, full_alloc";
+const VOLUME_COLUMN_COUNT: usize = 14;
 const PUBLICATION_COLUMNS: &str =
     "path, volume_id, kind, state, read_only, access_mode, flags, created_dir, staging_path";
 
@@ -340,6 +363,13 @@ impl Store {
                 ))
                 .map_err(db_err)?;
             }
+            1 => {
+                conn.execute_batch(&format!(
+                    "BEGIN; {MIGRATE_1_TO_2} PRAGMA user_version = 2; COMMIT;"
+                ))
+                .map_err(db_err)?;
+                tracing::info!("metadata store migrated from schema version 1 to 2");
+            }
             SCHEMA_VERSION => {}
             newer => {
                 return Err(Error::Internal(format!(
@@ -406,8 +436,8 @@ impl Store {
     pub fn insert_volume(&self, v: &NewVolume<'_>) -> Result<VolumeRecord> {
         self.commit_durably(|conn| {
         conn.prepare_cached(&format!(
-            "INSERT INTO volumes (id, name, pool, capacity, state, block, pvc_name, pvc_namespace, pv_name, created_at)
-             VALUES (?1, ?2, ?3, ?4, 'creating', ?5, ?6, ?7, ?8, ?9) RETURNING {VOLUME_COLUMNS}"
+            "INSERT INTO volumes (id, name, pool, capacity, state, block, pvc_name, pvc_namespace, pv_name, created_at, full_alloc)
+             VALUES (?1, ?2, ?3, ?4, 'creating', ?5, ?6, ?7, ?8, ?9, ?10) RETURNING {VOLUME_COLUMNS}"
         ))
         .and_then(|mut st| {
             st.query_row(
@@ -420,7 +450,8 @@ impl Store {
                     v.pvc_name,
                     v.pvc_namespace,
                     v.pv_name,
-                    now()
+                    now(),
+                    v.full_allocation
                 ],
                 volume_from_row,
             )
@@ -460,6 +491,32 @@ impl Store {
             VolumeState::Ready => self.relaxed(update)?,
             VolumeState::Creating | VolumeState::Deleting => self.commit_durably(update)?,
         };
+        Ok(())
+    }
+
+    /// Records a new capacity of a volume before its storage is grown (the intent of an
+    /// expansion): durable when this returns, so a crash between here and the growth is
+    /// finished by a retried expansion, which grows to the recorded size.
+    pub fn set_volume_capacity(&self, id: &VolumeId, capacity: u64) -> Result<()> {
+        self.commit_durably(|conn| {
+            conn.prepare_cached("UPDATE volumes SET capacity = ?2 WHERE id = ?1")
+                .and_then(|mut st| st.execute(params![id.as_str(), capacity as i64]))
+        })?;
+        Ok(())
+    }
+
+    /// Records the filesystem type and device block size a volume keeps for its life, before
+    /// the device is configured or formatted with them (durable when this returns).
+    pub fn set_volume_layout(
+        &self,
+        id: &VolumeId,
+        fs_type: Option<&str>,
+        block_size: Option<u32>,
+    ) -> Result<()> {
+        self.commit_durably(|conn| {
+            conn.prepare_cached("UPDATE volumes SET fs_type = ?2, block_size = ?3 WHERE id = ?1")
+                .and_then(|mut st| st.execute(params![id.as_str(), fs_type, block_size]))
+        })?;
         Ok(())
     }
 
@@ -616,7 +673,47 @@ mod tests {
             pvc_name: Some("data"),
             pvc_namespace: None,
             pv_name: None,
+            full_allocation: false,
         }
+    }
+
+    #[test]
+    fn a_version_1_store_is_migrated_and_keeps_its_volumes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            let v1 = SCHEMA
+                .replace(
+                    ",\n    fs_type       TEXT,\n    block_size    INTEGER,\n    full_alloc    INTEGER NOT NULL DEFAULT 0",
+                    "",
+                );
+            assert!(!v1.contains("full_alloc"), "the v1 schema is rebuilt");
+            conn.execute_batch(&format!("{v1} PRAGMA user_version = 1;"))
+                .unwrap();
+            conn.execute(
+                "INSERT INTO volumes (id, name, pool, capacity, state, block, created_at)
+                 VALUES (?1, 'old', 'default', 1048576, 'ready', 0, 0)",
+                [VolumeId::generate().as_str()],
+            )
+            .unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        let old = store.volume_by_name("old").unwrap().unwrap();
+        assert_eq!(
+            (old.fs_type, old.block_size, old.full_allocation),
+            (None, None, false)
+        );
+        store
+            .set_volume_layout(&old.id, Some("xfs"), Some(4096))
+            .unwrap();
+        store.set_volume_capacity(&old.id, 2 << 20).unwrap();
+        drop(store);
+        let store = Store::open(&path).unwrap();
+        let old = store.volume_by_name("old").unwrap().unwrap();
+        assert_eq!(old.fs_type.as_deref(), Some("xfs"));
+        assert_eq!(old.block_size, Some(4096));
+        assert_eq!(old.capacity, 2 << 20);
     }
 
     #[test]

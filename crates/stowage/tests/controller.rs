@@ -593,7 +593,7 @@ async fn validate_list_get_and_capacity() {
                 c.controller_expand_volume(csi::ControllerExpandVolumeRequest::default())
                     .await
             ),
-            Code::Unimplemented
+            Code::InvalidArgument
         );
     })
     .await
@@ -685,6 +685,7 @@ async fn reconciliation_finishes_interrupted_creates_and_deletes() {
                     pvc_name: None,
                     pvc_namespace: None,
                     pv_name: None,
+                    full_allocation: false,
                 })
                 .unwrap();
             let doomed_id = stowage_core::VolumeId::parse(&doomed.volume_id).unwrap();

@@ -396,7 +396,7 @@ async fn node_error_codes() {
                 n.node_expand_volume(csi::NodeExpandVolumeRequest::default())
                     .await
             ),
-            Code::Unimplemented
+            Code::InvalidArgument
         );
 
         // Mounts made here are exactly the expected ones: nothing else got mounted.
@@ -910,7 +910,7 @@ async fn node_info_and_capabilities() {
             _ => None,
         }).collect();
         got.sort();
-        let mut want = vec![Type::StageUnstageVolume as i32, Type::GetVolumeStats as i32, Type::VolumeCondition as i32, Type::SingleNodeMultiWriter as i32];
+        let mut want = vec![Type::StageUnstageVolume as i32, Type::GetVolumeStats as i32, Type::VolumeCondition as i32, Type::SingleNodeMultiWriter as i32, Type::ExpandVolume as i32];
         want.sort();
         assert_eq!(got, want);
         // The configured pool is the default pool.

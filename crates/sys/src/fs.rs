@@ -139,6 +139,41 @@ pub fn open_trusted_dir(path: &Path) -> SysResult<OwnedFd> {
     .map_err(|e| SysError::new("open", quoted(path.as_os_str().as_bytes()), e))
 }
 
+/// Opens the device node (or any file) at a trusted absolute path `O_PATH | O_NOFOLLOW`: a
+/// handle to the inode for a bind mount or statx, never opened for I/O (no side effect of
+/// opening a device). A symlink as the last component is ELOOP.
+pub fn open_path_nofollow(path: &Path) -> SysResult<OwnedFd> {
+    require_absolute("open", path)?;
+    rustix::fs::open(
+        path,
+        OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| SysError::new("open", quoted(path.as_os_str().as_bytes()), e))
+}
+
+/// Creates the empty regular file `name` in `dir` (`O_CREAT | O_EXCL | O_NOFOLLOW`): the
+/// mount point of a bind-mounted device node. An existing entry is EEXIST.
+pub fn create_file_at(dir: BorrowedFd<'_>, name: &str, mode: u32) -> SysResult<()> {
+    let c = single_component("openat", dir, name)?;
+    rustix::fs::openat(
+        dir,
+        c.as_c_str(),
+        OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::from_raw_mode(mode),
+    )
+    .map(drop)
+    .map_err(|e| at_error("openat", dir, name.as_bytes(), e))
+}
+
+/// Removes the non-directory entry `name` of `dir` (unlinkat without AT_REMOVEDIR; a
+/// directory is EISDIR and stays).
+pub fn unlink_at(dir: BorrowedFd<'_>, name: &str) -> SysResult<()> {
+    let c = single_component("unlinkat", dir, name)?;
+    rustix::fs::unlinkat(dir, c.as_c_str(), AtFlags::empty())
+        .map_err(|e| at_error("unlinkat", dir, name.as_bytes(), e))
+}
+
 /// Creates every missing directory of a trusted absolute path (configuration only), mode 0o700.
 pub fn create_trusted_dir_all(path: &Path) -> SysResult<()> {
     require_absolute("mkdir", path)?;

@@ -1,7 +1,7 @@
 //! Reading this process's mount table (`/proc/self/mountinfo`): only to answer "is this
 //! directory mounted anywhere?", which a bind mount elsewhere makes true and no fd can tell.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use crate::{Errno, SysError, SysResult};
 
@@ -31,6 +31,35 @@ pub fn mounts_of(dev: u64, component: &str) -> SysResult<Vec<PathBuf>> {
         .filter(|m| m.dev == dev && m.root.iter().any(|c| c == component))
         .map(|m| m.mount_point)
         .collect())
+}
+
+/// Mount points in this process's namespace whose mount source is `source` (e.g.
+/// `/dev/loop3`). A caller that recognises mounts by the `st_dev` of their root stats one of
+/// them: ext4 and xfs show the block device's own number, btrfs an anonymous device of its
+/// subvolume that neither the device nor mountinfo's `major:minor` field tells.
+pub fn mount_points_from(source: &str) -> SysResult<Vec<PathBuf>> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").map_err(|e| {
+        SysError::new(
+            "read",
+            "\"/proc/self/mountinfo\"",
+            Errno::from_raw_os_error(e.raw_os_error().unwrap_or(libc::EIO)),
+        )
+    })?;
+    Ok(sources(&text)
+        .filter(|(_, s)| *s == Path::new(source))
+        .map(|(mount_point, _)| mount_point)
+        .collect())
+}
+
+/// `(mount point, mount source)` of each line: the source is the second field after the
+/// ` - ` separator (the optional fields before it vary in number).
+fn sources(text: &str) -> impl Iterator<Item = (PathBuf, PathBuf)> + '_ {
+    text.lines().filter_map(|line| {
+        let (head, tail) = line.split_once(" - ")?;
+        let mount_point = unescape(head.split(' ').nth(4)?);
+        let source = unescape(tail.split(' ').nth(1)?);
+        Some((mount_point, source))
+    })
 }
 
 /// Parses mountinfo text; malformed lines are skipped.
@@ -78,6 +107,20 @@ fn unescape(field: &str) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sources_follow_the_separator() {
+        let text = "36 35 0:52 / /mnt/b rw,relatime shared:1 master:2 - btrfs /dev/loop3 rw\n\
+                    37 35 7:4 / /mnt/x rw - xfs /dev/loop4 rw\n";
+        let got: Vec<(PathBuf, PathBuf)> = sources(text).collect();
+        assert_eq!(
+            got,
+            vec![
+                (PathBuf::from("/mnt/b"), PathBuf::from("/dev/loop3")),
+                (PathBuf::from("/mnt/x"), PathBuf::from("/dev/loop4")),
+            ]
+        );
+    }
 
     const SAMPLE: &str = "\
 22 1 254:0 / / rw,relatime shared:1 - ext4 /dev/vda rw

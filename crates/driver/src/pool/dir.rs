@@ -238,8 +238,15 @@ impl PoolBackend for DirBackend {
     /// A bind mount shows the new limit at once, so no node step is ever needed.
     fn expand(&self, vol: &VolumeRecord, capacity: u64) -> Result<bool> {
         let _present = self.open_volume(&vol.id)?;
-        if self.quota == QuotaSupport::Enforced && capacity > vol.capacity {
-            self.set_limit(vol, capacity)?;
+        match &self.quota {
+            // Setting the limit again is idempotent: a retry after a crash between the
+            // recorded capacity and this call (the record then equals `capacity`) converges.
+            QuotaSupport::Enforced if capacity >= vol.capacity => self.set_limit(vol, capacity)?,
+            QuotaSupport::Enforced => {}
+            QuotaSupport::Unavailable(_) => tracing::info!(
+                volume = %vol.id, capacity,
+                "dir volume expanded; its size is advisory (no project quotas on this pool)"
+            ),
         }
         Ok(false)
     }
@@ -383,6 +390,7 @@ mod tests {
             kind: PoolKind::Dir,
             path: dir.join("pool"),
             default_size: None,
+            overcommit_ratio: None,
         }
     }
 
@@ -403,6 +411,9 @@ mod tests {
             pvc_namespace: None,
             pv_name: None,
             created_at: 0,
+            fs_type: None,
+            block_size: None,
+            full_allocation: false,
         }
     }
 
@@ -570,9 +581,9 @@ mod tests {
             }]
         );
         assert_eq!(kernel.limit(project), Some(3 << 20));
-        // Not larger than the recorded capacity: never shrinks, nothing to do.
+        // Smaller than the recorded capacity: never shrinks, nothing to do.
         kernel.clear();
-        assert!(!pool.expand(&vol, 1 << 20).unwrap());
+        assert!(!pool.expand(&vol, 1 << 19).unwrap());
         assert!(kernel.calls().is_empty(), "{:?}", kernel.calls());
         // A failing limit is reported with what it tried.
         kernel.fail_next("set_project_limit", Errno::DQUOT, 1);

@@ -6,10 +6,12 @@
 //! trait and never ask which kind it is; [`Pool::open`] is the only place a kind is chosen.
 //!
 //! Kinds: [`dir`] (a directory per volume, project quotas where the filesystem enforces
-//! them). Planned behind the same trait: `image` (a sparse image file per volume on a loop
-//! device) and `btrfs` (a subvolume per volume with a qgroup limit).
+//! them) and [`image`] (a sparse image file per volume on a loop device: hard sizes, raw
+//! block volumes). Planned behind the same trait: `btrfs` (a subvolume per volume with a
+//! qgroup limit).
 
 pub mod dir;
+pub mod image;
 
 use std::collections::HashMap;
 use std::fmt::{Debug, Display};
@@ -89,6 +91,16 @@ pub struct StageRequest<'a> {
     pub attrs: MountAttrs,
 }
 
+/// What a volume keeps for its whole life once its first stage decided it, recorded in the
+/// store before the device is configured or formatted with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeLayout {
+    /// The filesystem made on the volume (None: a block volume, or a kind without one).
+    pub fs_type: Option<String>,
+    /// The logical block size of the volume's device.
+    pub block_size: Option<u32>,
+}
+
 /// One pool kind. Every method is called with the volume's guard held (or at start, before
 /// the driver is ready), so two calls never act on one volume at once; a pool serves many
 /// volumes concurrently. Errors are `stowage_core::Error`s whose variant is what the caller
@@ -119,6 +131,13 @@ pub trait PoolBackend: Send + Sync + Debug {
     /// its size).
     fn enforces_capacity(&self) -> bool;
 
+    /// The smallest volume a filesystem of type `fs_type` (empty: the default) can be made
+    /// on; CreateVolume rounds a smaller request up to it (within the request's limit).
+    /// 0 (the default) for a kind that makes no filesystem.
+    fn min_volume_size(&self, _fs_type: &str) -> u64 {
+        0
+    }
+
     /// Space for volumes, now. A kind that reserves space lazily (a sparse image) counts what
     /// existing volumes may still claim as taken.
     fn capacity(&self) -> Result<PoolCapacity>;
@@ -137,8 +156,10 @@ pub trait PoolBackend: Send + Sync + Debug {
     /// is. Never follows a link out of the pool nor enters another mount. Durable on return.
     fn delete(&self, vol: &VolumeRecord) -> Result<()>;
 
-    /// Grows the volume's storage and limit to `capacity` bytes (never shrinks: a smaller
-    /// or equal capacity changes nothing). Idempotent. Returns whether a node step is needed
+    /// Grows the volume's storage and limit to `capacity` bytes (never shrinks: a capacity
+    /// smaller than the storage has changes nothing). Idempotent: the caller records the new
+    /// capacity first, so a retry after a crash calls this with `vol.capacity == capacity`
+    /// and must still finish the growth. Returns whether a node step is needed
     /// before the consumer sees the new size (a filesystem to grow on an attached device);
     /// NOT_FOUND when the backing storage is gone.
     fn expand(&self, vol: &VolumeRecord, capacity: u64) -> Result<bool>;
@@ -164,6 +185,16 @@ pub trait PoolBackend: Send + Sync + Debug {
     /// mounted then. A kind whose mark depends on an attached device answers NOT_FOUND
     /// while it is not attached (nothing of it is mounted either).
     fn mark(&self, vol: &VolumeRecord) -> Result<Mark>;
+
+    /// Before NodeStageVolume mounts anything: what the volume will keep for its life (its
+    /// filesystem type, its device's block size) when that is not recorded yet or differs
+    /// from the record; the node service records it durably, then calls [`PoolBackend::stage`]
+    /// with the updated record. FAILED_PRECONDITION when `access` asks for another
+    /// filesystem than the recorded one or the volume is too small for it. `Ok(None)` (the
+    /// default): nothing to record.
+    fn prepare_stage(&self, _vol: &VolumeRecord, _access: &Access) -> Result<Option<VolumeLayout>> {
+        Ok(None)
+    }
 
     /// Mounts the volume onto `target`, an fd the node service resolved (the staging
     /// directory, already checked to be a plain directory that is no mount of anything),
@@ -191,6 +222,16 @@ pub trait PoolBackend: Send + Sync + Debug {
     /// volume, once a kind serves those. The bind's root must match the mark.
     fn publish_source(&self, vol: &VolumeRecord, staged: OwnedFd) -> Result<OwnedFd>;
 
+    /// NodeExpandVolume, with the volume's recorded capacity already raised by the caller
+    /// (and [`PoolBackend::expand`] done): makes what the consumer sees follow — the device's
+    /// size and the filesystem mounted at `mount_point` (absolute, a checked mount of the
+    /// volume; for a block volume the device alone). Also grows the storage itself when the
+    /// controller step did not run on this node. Idempotent. Returns the size the consumer
+    /// now sees. The default (a kind whose limit takes effect at once): the recorded capacity.
+    fn node_expand(&self, vol: &VolumeRecord, _mount_point: &Path) -> Result<u64> {
+        Ok(vol.capacity)
+    }
+
     /// NodeGetVolumeStats figures: bytes against the volume's capacity and inodes, as its
     /// limit counts them. `mounted` is the root of a mount of the volume (the path the CO
     /// asked about), for kinds that can only measure through a mounted filesystem.
@@ -214,6 +255,7 @@ impl Pool {
     pub fn open(cfg: &PoolConfig, kernel: Arc<dyn Kernel>) -> Result<Self> {
         let backend: Box<dyn PoolBackend> = match cfg.kind {
             PoolKind::Dir => Box::new(dir::DirBackend::open(cfg, kernel)?),
+            PoolKind::Image => Box::new(image::ImageBackend::open(cfg, kernel)?),
         };
         Self::with_backend(cfg, backend)
     }
