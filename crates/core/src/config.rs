@@ -41,6 +41,20 @@ pub struct Config {
 pub enum PoolKind {
     /// A directory per volume, capacity by project quota where the filesystem has it.
     Dir,
+    /// A btrfs subvolume per volume, capacity by a qgroup limit.
+    Btrfs,
+}
+
+/// What a `btrfs` pool may do about the filesystem's quotas (`quotas = "…"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QuotaPolicy {
+    /// Turn them on at start when they are off (simple quotas where the kernel has them).
+    #[default]
+    Enable,
+    /// They must be on already (the operator chose the mode); the pool refuses to open
+    /// otherwise.
+    Require,
 }
 
 impl PoolKind {
@@ -48,6 +62,7 @@ impl PoolKind {
     pub fn as_str(self) -> &'static str {
         match self {
             PoolKind::Dir => "dir",
+            PoolKind::Btrfs => "btrfs",
         }
     }
 }
@@ -65,6 +80,12 @@ pub struct PoolConfig {
     /// Size of volumes whose request names none (`1Gi` when absent).
     #[serde(default)]
     pub default_size: Option<String>,
+    /// `btrfs` only: whether stowage may enable quotas or requires them on (default: enable).
+    #[serde(default)]
+    pub quotas: Option<QuotaPolicy>,
+    /// `btrfs` only: GetCapacity ignores the limits already given to volumes (default false).
+    #[serde(default)]
+    pub overcommit: Option<bool>,
 }
 
 impl PoolConfig {
@@ -94,6 +115,8 @@ impl Config {
                 kind: PoolKind::Dir,
                 path: state_dir.join("pools").join(DEFAULT_POOL),
                 default_size: None,
+                quotas: None,
+                overcommit: None,
             }],
             max_volumes_per_node: None,
         }
@@ -126,6 +149,20 @@ impl Config {
             }
             pool.default_size_bytes()
                 .map_err(|e| Error::invalid(format!("config: pool {:?}: {e}", pool.name)))?;
+            if pool.kind != PoolKind::Btrfs {
+                for (key, set) in [
+                    ("quotas", pool.quotas.is_some()),
+                    ("overcommit", pool.overcommit.is_some()),
+                ] {
+                    if set {
+                        return Err(Error::invalid(format!(
+                            "config: pool {:?}: {key} applies to btrfs pools only, this one is {}",
+                            pool.name,
+                            pool.kind.as_str()
+                        )));
+                    }
+                }
+            }
         }
         if let Some(n) = self.max_volumes_per_node {
             if n <= 0 {
@@ -168,6 +205,30 @@ mod tests {
         .unwrap();
         assert_eq!(cfg.pools[0].name, "fast");
         assert_eq!(cfg.pools[0].default_size_bytes().unwrap(), 2 << 30);
+    }
+
+    #[test]
+    fn parses_btrfs_pools() {
+        let cfg = Config::from_toml(
+            "[[pool]]\nname = \"sub\"\nkind = \"btrfs\"\npath = \"/srv/b\"\nquotas = \"require\"\novercommit = true\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.pools[0].kind, PoolKind::Btrfs);
+        assert_eq!(cfg.pools[0].quotas, Some(QuotaPolicy::Require));
+        assert_eq!(cfg.pools[0].overcommit, Some(true));
+        let plain =
+            Config::from_toml("[[pool]]\nname = \"b\"\nkind = \"btrfs\"\npath = \"/srv/b\"\n")
+                .unwrap();
+        assert_eq!(plain.pools[0].quotas, None);
+        let err = Config::from_toml(
+            "[[pool]]\nname = \"d\"\nkind = \"dir\"\npath = \"/srv\"\nquotas = \"enable\"\n",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("btrfs pools only"), "{err}");
+        assert!(Config::from_toml(
+            "[[pool]]\nname = \"b\"\nkind = \"btrfs\"\npath = \"/srv\"\nquotas = \"maybe\"\n",
+        )
+        .is_err());
     }
 
     #[test]

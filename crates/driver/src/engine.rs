@@ -654,6 +654,8 @@ mod tests {
             kind: PoolKind::Dir,
             path: dir.join("pool"),
             default_size: None,
+            quotas: None,
+            overcommit: None,
         };
         let pool = Pool::open(&cfg, kernel.clone()).unwrap();
         let identity = Identity {
@@ -745,6 +747,8 @@ mod tests {
             kind: PoolKind::Dir,
             path: dir.path().join("pool"),
             default_size: None,
+            quotas: None,
+            overcommit: None,
         };
         let pool = Pool::open(&cfg, kernel.clone()).unwrap();
         let identity = Identity {
@@ -795,6 +799,8 @@ mod tests {
             kind: PoolKind::Dir,
             path: dir.path().join("p"),
             default_size: None,
+            quotas: None,
+            overcommit: None,
         };
         let pool = Pool::open(&cfg, kernel.clone()).unwrap();
         let identity = Identity {
