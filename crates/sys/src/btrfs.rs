@@ -146,6 +146,7 @@ mod raw {
 
     pub(super) const IOC_TREE_SEARCH: Opcode = opcode::read_write::<SearchArgs>(MAGIC, 17);
     pub(super) const IOC_INO_LOOKUP: Opcode = opcode::read_write::<InoLookupArgs>(MAGIC, 18);
+    pub(super) const IOC_SNAP_CREATE_V2: Opcode = opcode::write::<VolArgsV2>(MAGIC, 23);
     pub(super) const IOC_SUBVOL_CREATE_V2: Opcode = opcode::write::<VolArgsV2>(MAGIC, 24);
     pub(super) const IOC_QUOTA_CTL: Opcode = opcode::read_write::<QuotaCtlArgs>(MAGIC, 40);
     pub(super) const IOC_QGROUP_CREATE: Opcode = opcode::write::<QgroupCreateArgs>(MAGIC, 42);
@@ -212,6 +213,20 @@ pub fn create_subvolume(dir: BorrowedFd<'_>, name: &str) -> SysResult<()> {
     // SAFETY: the opcode and argument type agree (see above); `dir` is open for the call.
     unsafe { rustix::ioctl::ioctl(dir, setter) }
         .map_err(|e| ioctl_error(dir, format!("BTRFS_IOC_SUBVOL_CREATE_V2 {name:?}"), e))
+}
+
+/// Makes `name` in directory `dir` a writable snapshot of the subvolume open at `source`
+/// (BTRFS_IOC_SNAP_CREATE_V2). EEXIST when the name is taken.
+pub fn create_snapshot(dir: BorrowedFd<'_>, name: &str, source: BorrowedFd<'_>) -> SysResult<()> {
+    let mut args = vol_args_named(name)?;
+    args.fd = i64::from(std::os::fd::AsRawFd::as_raw_fd(&source));
+    // SAFETY: BTRFS_IOC_SNAP_CREATE_V2 is _IOW(0x94, 23, struct btrfs_ioctl_vol_args_v2): the
+    // kernel reads one VolArgsV2, which Setter holds; `fd` names `source`, open for the call,
+    // and the qgroup_inherit pointer is null.
+    let setter = unsafe { Setter::<{ raw::IOC_SNAP_CREATE_V2 }, _>::new(args) };
+    // SAFETY: the opcode and argument type agree (see above); `dir` is open for the call.
+    unsafe { rustix::ioctl::ioctl(dir, setter) }
+        .map_err(|e| ioctl_error(dir, format!("BTRFS_IOC_SNAP_CREATE_V2 {name:?}"), e))
 }
 
 /// Destroys subvolume `name` in directory `dir` (BTRFS_IOC_SNAP_DESTROY_V2). ENOTEMPTY when it
@@ -535,6 +550,7 @@ mod tests {
     fn opcodes_match_the_uapi_values() {
         // _IOW/_IOWR(0x94, nr, 4096-byte struct) and friends, as the C headers compute them.
         assert_eq!(raw::IOC_SUBVOL_CREATE_V2 as u64, 0x5000_9418);
+        assert_eq!(raw::IOC_SNAP_CREATE_V2 as u64, 0x5000_9417);
         assert_eq!(raw::IOC_SNAP_DESTROY_V2 as u64, 0x5000_943f);
         assert_eq!(raw::IOC_TREE_SEARCH as u64, 0xd000_9411);
         assert_eq!(raw::IOC_INO_LOOKUP as u64, 0xd000_9412);
