@@ -49,6 +49,20 @@ pub enum PoolKind {
     Dir,
     /// A sparse image file per volume on a loop device: hard capacity on any filesystem.
     Image,
+    /// A btrfs subvolume per volume, capacity by a qgroup limit.
+    Btrfs,
+}
+
+/// What a `btrfs` pool may do about the filesystem's quotas (`quotas = "…"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QuotaPolicy {
+    /// Turn them on at start when they are off (simple quotas where the kernel has them).
+    #[default]
+    Enable,
+    /// They must be on already (the operator chose the mode); the pool refuses to open
+    /// otherwise.
+    Require,
 }
 
 impl PoolKind {
@@ -57,6 +71,7 @@ impl PoolKind {
         match self {
             PoolKind::Dir => "dir",
             PoolKind::Image => "image",
+            PoolKind::Btrfs => "btrfs",
         }
     }
 }
@@ -79,6 +94,12 @@ pub struct PoolConfig {
     /// image counts as taken, so a volume can always write its whole size).
     #[serde(default)]
     pub overcommit_ratio: Option<f64>,
+    /// `btrfs` only: whether stowage may enable quotas or requires them on (default: enable).
+    #[serde(default)]
+    pub quotas: Option<QuotaPolicy>,
+    /// `btrfs` only: GetCapacity ignores the limits already given to volumes (default false).
+    #[serde(default)]
+    pub overcommit: Option<bool>,
 }
 
 impl PoolConfig {
@@ -109,6 +130,8 @@ impl Config {
                 path: state_dir.join("pools").join(DEFAULT_POOL),
                 default_size: None,
                 overcommit_ratio: None,
+                quotas: None,
+                overcommit: None,
             }],
             max_volumes_per_node: None,
         }
@@ -141,6 +164,20 @@ impl Config {
             }
             pool.default_size_bytes()
                 .map_err(|e| Error::invalid(format!("config: pool {:?}: {e}", pool.name)))?;
+            if pool.kind != PoolKind::Btrfs {
+                for (key, set) in [
+                    ("quotas", pool.quotas.is_some()),
+                    ("overcommit", pool.overcommit.is_some()),
+                ] {
+                    if set {
+                        return Err(Error::invalid(format!(
+                            "config: pool {:?}: {key} applies to btrfs pools only, this one is {}",
+                            pool.name,
+                            pool.kind.as_str()
+                        )));
+                    }
+                }
+            }
             if let Some(ratio) = pool.overcommit_ratio {
                 if pool.kind != PoolKind::Image {
                     return Err(Error::invalid(format!(
@@ -197,6 +234,30 @@ mod tests {
         .unwrap();
         assert_eq!(cfg.pools[0].name, "fast");
         assert_eq!(cfg.pools[0].default_size_bytes().unwrap(), 2 << 30);
+    }
+
+    #[test]
+    fn parses_btrfs_pools() {
+        let cfg = Config::from_toml(
+            "[[pool]]\nname = \"sub\"\nkind = \"btrfs\"\npath = \"/srv/b\"\nquotas = \"require\"\novercommit = true\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.pools[0].kind, PoolKind::Btrfs);
+        assert_eq!(cfg.pools[0].quotas, Some(QuotaPolicy::Require));
+        assert_eq!(cfg.pools[0].overcommit, Some(true));
+        let plain =
+            Config::from_toml("[[pool]]\nname = \"b\"\nkind = \"btrfs\"\npath = \"/srv/b\"\n")
+                .unwrap();
+        assert_eq!(plain.pools[0].quotas, None);
+        let err = Config::from_toml(
+            "[[pool]]\nname = \"d\"\nkind = \"dir\"\npath = \"/srv\"\nquotas = \"enable\"\n",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("btrfs pools only"), "{err}");
+        assert!(Config::from_toml(
+            "[[pool]]\nname = \"b\"\nkind = \"btrfs\"\npath = \"/srv\"\nquotas = \"maybe\"\n",
+        )
+        .is_err());
     }
 
     #[test]

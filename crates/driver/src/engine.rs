@@ -725,6 +725,8 @@ mod tests {
             path: dir.join("pool"),
             default_size: None,
             overcommit_ratio: None,
+            quotas: None,
+            overcommit: None,
         };
         let pool = Pool::open(&cfg, kernel.clone()).unwrap();
         let identity = Identity {
@@ -817,6 +819,8 @@ mod tests {
             path: dir.path().join("pool"),
             default_size: None,
             overcommit_ratio: None,
+            quotas: None,
+            overcommit: None,
         };
         let pool = Pool::open(&cfg, kernel.clone()).unwrap();
         let identity = Identity {
@@ -869,6 +873,8 @@ mod tests {
             path: dir.path().join("p"),
             default_size: None,
             overcommit_ratio: None,
+            quotas: None,
+            overcommit: None,
         };
         let pool = Pool::open(&cfg, kernel.clone()).unwrap();
         let identity = Identity {

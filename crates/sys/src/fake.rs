@@ -3,13 +3,14 @@
 //! consistently.
 
 use std::collections::HashMap;
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use rustix::fs::{AtFlags, StatxFlags, CWD};
 use rustix::io::Errno;
 
+use crate::btrfs::{Qgroup, QuotaMode, TOP_LEVEL_SUBVOLUME};
 use crate::fs::{file_info, InodeId};
 use crate::{
     blockfs, FsKind, Kernel, LoopDevice, LoopOptions, MountAttrs, QuotaSupport, QuotaUsage,
@@ -74,13 +75,46 @@ pub enum KernelCall {
         kind: FsKind,
         mount_point: PathBuf,
     },
+    BtrfsCreateSubvolume {
+        dir: InodeId,
+        name: String,
+    },
+    BtrfsDestroySubvolume {
+        dir: InodeId,
+        name: String,
+    },
+    BtrfsDestroySubvolumeId {
+        subvolume: u64,
+    },
+    BtrfsSubvolumeId {
+        fd: InodeId,
+    },
+    BtrfsChildSubvolumes {
+        parent: u64,
+    },
+    BtrfsQuotaMode,
+    BtrfsEnableQuota {
+        simple: bool,
+    },
+    BtrfsQgroupCreate {
+        subvolume: u64,
+    },
+    BtrfsQgroupRemove {
+        subvolume: u64,
+    },
+    BtrfsQgroupLimit {
+        subvolume: u64,
+        bytes: u64,
+    },
+    BtrfsQgroups,
+    BtrfsCommit,
 }
 
 /// The operation names [`FakeKernel::fail_next`] accepts: the [`Kernel`] method names that
 /// return a `SysResult`.
 /// `make_fs` and `grow_fs` fail with a [`ToolError`] whose failure is
 /// `ToolFailure::Spawn(errno)`.
-const FAILABLE: [&str; 14] = [
+const FAILABLE: [&str; 26] = [
     "set_project_id",
     "project_id",
     "set_project_limit",
@@ -95,6 +129,18 @@ const FAILABLE: [&str; 14] = [
     "mount_device",
     "make_fs",
     "grow_fs",
+    "btrfs_create_subvolume",
+    "btrfs_destroy_subvolume",
+    "btrfs_destroy_subvolume_id",
+    "btrfs_subvolume_id",
+    "btrfs_child_subvolumes",
+    "btrfs_quota_mode",
+    "btrfs_enable_quota",
+    "btrfs_qgroup_create",
+    "btrfs_qgroup_remove",
+    "btrfs_qgroup_limit",
+    "btrfs_qgroups",
+    "btrfs_commit",
 ];
 
 /// A [`Kernel`] that performs nothing privileged.
@@ -114,6 +160,11 @@ const FAILABLE: [&str; 14] = [
 ///   table as `bind_mount` (source: the image inode), and `detach_loop` of an image with
 ///   such a mount is EBUSY, like a device held by a mount. The device size is the image's
 ///   size at attach or at the last `refresh_loop_capacity`.
+/// - btrfs subvolumes are plain directories made with mkdirat, known by inode, with ids
+///   from 256 up; a subvolume's parent is the subvolume whose root directory it was made in
+///   (top level, 5, otherwise). With quotas on, a new subvolume gets its qgroup, as the
+///   kernel does; a destroyed one keeps it until removed. Removing the qgroup of a live
+///   subvolume is EBUSY, as on Linux 6.8 and later. The quota mode starts `Off`.
 #[derive(Debug, Default)]
 pub struct FakeKernel {
     state: Mutex<State>,
@@ -132,6 +183,20 @@ struct State {
     mounts: Vec<(InodeId, InodeId, MountAttrs)>,
     loops: Vec<FakeLoop>,
     refuse_direct_io: bool,
+    subvolumes: Vec<FakeSubvolume>,
+    /// None means Off.
+    btrfs_quota: Option<QuotaMode>,
+    qgroups: Vec<Qgroup>,
+}
+
+/// One fake btrfs subvolume: a directory `name` in `dir`.
+#[derive(Debug)]
+struct FakeSubvolume {
+    id: u64,
+    root: InodeId,
+    parent: u64,
+    dir: OwnedFd,
+    name: String,
 }
 
 /// One attached fake loop device.
@@ -235,6 +300,39 @@ impl FakeKernel {
     /// made without, as on a backing filesystem that cannot do it.
     pub fn refuse_direct_io(&self, refuse: bool) {
         self.state().refuse_direct_io = refuse;
+    }
+
+    /// What [`Kernel::btrfs_quota_mode`] answers from now on (a test of a filesystem where
+    /// quotas were enabled by someone else).
+    pub fn set_btrfs_quota_mode(&self, mode: QuotaMode) {
+        self.state().btrfs_quota = Some(mode);
+    }
+
+    /// Sets the referenced bytes of qgroup `0/<subvolume>` (created if missing).
+    pub fn set_qgroup_referenced(&self, subvolume: u64, bytes: u64) {
+        let mut state = self.state();
+        match state.qgroups.iter_mut().find(|q| q.subvolume == subvolume) {
+            Some(q) => q.referenced = bytes,
+            None => state.qgroups.push(Qgroup {
+                subvolume,
+                referenced: bytes,
+                ..Qgroup::default()
+            }),
+        }
+    }
+
+    /// The qgroup of `subvolume`, if it exists.
+    pub fn qgroup(&self, subvolume: u64) -> Option<Qgroup> {
+        self.state()
+            .qgroups
+            .iter()
+            .find(|q| q.subvolume == subvolume)
+            .copied()
+    }
+
+    /// Ids of the live fake subvolumes.
+    pub fn subvolumes(&self) -> Vec<u64> {
+        self.state().subvolumes.iter().map(|s| s.id).collect()
     }
 
     /// Records `call`, then applies any failure injected for `op`.
@@ -491,4 +589,214 @@ impl Kernel for FakeKernel {
         drop(self.enter(call, "grow_fs").map_err(tool_error)?);
         Ok(())
     }
+
+    fn btrfs_create_subvolume(&self, dir: BorrowedFd<'_>, name: &str) -> SysResult<()> {
+        let dir_id = inode_of(dir)?;
+        let call = KernelCall::BtrfsCreateSubvolume {
+            dir: dir_id,
+            name: name.to_owned(),
+        };
+        let mut state = self.enter(call, "btrfs_create_subvolume")?;
+        crate::fs::mkdir_at(dir, name, 0o755)?;
+        let root = crate::fs::entry_info(dir, name)?.id;
+        let id = state
+            .subvolumes
+            .iter()
+            .map(|s| s.id + 1)
+            .max()
+            .unwrap_or(256);
+        let parent = state
+            .subvolumes
+            .iter()
+            .find(|s| s.root == dir_id)
+            .map_or(TOP_LEVEL_SUBVOLUME, |s| s.id);
+        let dir = rustix::io::fcntl_dupfd_cloexec(dir, 0)
+            .map_err(|e| SysError::new("fcntl", "F_DUPFD_CLOEXEC (fake subvolume)", e))?;
+        state.subvolumes.push(FakeSubvolume {
+            id,
+            root,
+            parent,
+            dir,
+            name: name.to_owned(),
+        });
+        if state.btrfs_quota.is_some_and(|m| m != QuotaMode::Off)
+            && state.qgroups.iter().all(|q| q.subvolume != id)
+        {
+            state.qgroups.push(Qgroup {
+                subvolume: id,
+                ..Qgroup::default()
+            });
+        }
+        Ok(())
+    }
+
+    fn btrfs_destroy_subvolume(&self, dir: BorrowedFd<'_>, name: &str) -> SysResult<()> {
+        let dir_id = inode_of(dir)?;
+        let call = KernelCall::BtrfsDestroySubvolume {
+            dir: dir_id,
+            name: name.to_owned(),
+        };
+        let mut state = self.enter(call, "btrfs_destroy_subvolume")?;
+        let root = crate::fs::entry_info(dir, name)?.id;
+        let Some(i) = state.subvolumes.iter().position(|s| s.root == root) else {
+            return Err(SysError::new(
+                "fake btrfs",
+                format!("{name:?}: not a subvolume"),
+                Errno::INVAL,
+            ));
+        };
+        destroy_fake_subvolume(&mut state, i)
+    }
+
+    fn btrfs_destroy_subvolume_id(&self, _fs: BorrowedFd<'_>, subvolume: u64) -> SysResult<()> {
+        let call = KernelCall::BtrfsDestroySubvolumeId { subvolume };
+        let mut state = self.enter(call, "btrfs_destroy_subvolume_id")?;
+        let Some(i) = state.subvolumes.iter().position(|s| s.id == subvolume) else {
+            return Err(SysError::new(
+                "fake btrfs",
+                format!("subvolume {subvolume}"),
+                Errno::NOENT,
+            ));
+        };
+        destroy_fake_subvolume(&mut state, i)
+    }
+
+    fn btrfs_subvolume_id(&self, fd: BorrowedFd<'_>) -> SysResult<u64> {
+        let id = inode_of(fd)?;
+        let state = self.enter(
+            KernelCall::BtrfsSubvolumeId { fd: id },
+            "btrfs_subvolume_id",
+        )?;
+        Ok(state
+            .subvolumes
+            .iter()
+            .find(|s| s.root == id)
+            .map_or(TOP_LEVEL_SUBVOLUME, |s| s.id))
+    }
+
+    fn btrfs_child_subvolumes(&self, _fs: BorrowedFd<'_>, parent: u64) -> SysResult<Vec<u64>> {
+        let call = KernelCall::BtrfsChildSubvolumes { parent };
+        let state = self.enter(call, "btrfs_child_subvolumes")?;
+        Ok(state
+            .subvolumes
+            .iter()
+            .filter(|s| s.parent == parent)
+            .map(|s| s.id)
+            .collect())
+    }
+
+    fn btrfs_quota_mode(&self, _fs: BorrowedFd<'_>) -> SysResult<QuotaMode> {
+        let state = self.enter(KernelCall::BtrfsQuotaMode, "btrfs_quota_mode")?;
+        Ok(state.btrfs_quota.unwrap_or(QuotaMode::Off))
+    }
+
+    fn btrfs_enable_quota(&self, _fs: BorrowedFd<'_>, simple: bool) -> SysResult<()> {
+        let call = KernelCall::BtrfsEnableQuota { simple };
+        let mut state = self.enter(call, "btrfs_enable_quota")?;
+        if state.btrfs_quota.is_none_or(|m| m == QuotaMode::Off) {
+            state.btrfs_quota = Some(if simple {
+                QuotaMode::Simple
+            } else {
+                QuotaMode::Qgroups {
+                    inconsistent: false,
+                }
+            });
+            let ids: Vec<u64> = state.subvolumes.iter().map(|s| s.id).collect();
+            for id in ids {
+                if state.qgroups.iter().all(|q| q.subvolume != id) {
+                    state.qgroups.push(Qgroup {
+                        subvolume: id,
+                        ..Qgroup::default()
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn btrfs_qgroup_create(&self, _fs: BorrowedFd<'_>, subvolume: u64) -> SysResult<()> {
+        let call = KernelCall::BtrfsQgroupCreate { subvolume };
+        let mut state = self.enter(call, "btrfs_qgroup_create")?;
+        if state.btrfs_quota.is_none_or(|m| m == QuotaMode::Off) {
+            return Err(SysError::new(
+                "fake btrfs",
+                "quotas are off",
+                Errno::NOTCONN,
+            ));
+        }
+        if state.qgroups.iter().any(|q| q.subvolume == subvolume) {
+            return Err(SysError::new(
+                "fake btrfs",
+                format!("qgroup 0/{subvolume}"),
+                Errno::EXIST,
+            ));
+        }
+        state.qgroups.push(Qgroup {
+            subvolume,
+            ..Qgroup::default()
+        });
+        Ok(())
+    }
+
+    fn btrfs_qgroup_remove(&self, _fs: BorrowedFd<'_>, subvolume: u64) -> SysResult<()> {
+        let call = KernelCall::BtrfsQgroupRemove { subvolume };
+        let mut state = self.enter(call, "btrfs_qgroup_remove")?;
+        if state.subvolumes.iter().any(|s| s.id == subvolume) {
+            return Err(SysError::new(
+                "fake btrfs",
+                format!("qgroup 0/{subvolume}: subvolume exists"),
+                Errno::BUSY,
+            ));
+        }
+        let before = state.qgroups.len();
+        state.qgroups.retain(|q| q.subvolume != subvolume);
+        if state.qgroups.len() == before {
+            return Err(SysError::new(
+                "fake btrfs",
+                format!("qgroup 0/{subvolume}"),
+                Errno::NOENT,
+            ));
+        }
+        Ok(())
+    }
+
+    fn btrfs_qgroup_limit(&self, _fs: BorrowedFd<'_>, subvolume: u64, bytes: u64) -> SysResult<()> {
+        let call = KernelCall::BtrfsQgroupLimit { subvolume, bytes };
+        let mut state = self.enter(call, "btrfs_qgroup_limit")?;
+        match state.qgroups.iter_mut().find(|q| q.subvolume == subvolume) {
+            Some(q) => {
+                q.max_referenced = Some(bytes);
+                Ok(())
+            }
+            None => Err(SysError::new(
+                "fake btrfs",
+                format!("qgroup 0/{subvolume}"),
+                Errno::NOENT,
+            )),
+        }
+    }
+
+    fn btrfs_qgroups(&self, _fs: BorrowedFd<'_>) -> SysResult<Vec<Qgroup>> {
+        let state = self.enter(KernelCall::BtrfsQgroups, "btrfs_qgroups")?;
+        Ok(state.qgroups.clone())
+    }
+
+    fn btrfs_commit(&self, _fs: BorrowedFd<'_>) -> SysResult<()> {
+        drop(self.enter(KernelCall::BtrfsCommit, "btrfs_commit")?);
+        Ok(())
+    }
+}
+
+/// Destroys fake subvolume `i`: ENOTEMPTY while another one lives inside it.
+fn destroy_fake_subvolume(state: &mut State, i: usize) -> SysResult<()> {
+    let id = state.subvolumes[i].id;
+    if state.subvolumes.iter().any(|s| s.parent == id) {
+        return Err(SysError::new(
+            "fake btrfs",
+            format!("subvolume {id} holds other subvolumes"),
+            Errno::NOTEMPTY,
+        ));
+    }
+    let sub = state.subvolumes.remove(i);
+    crate::fs::remove_tree_at(sub.dir.as_fd(), &sub.name)
 }

@@ -636,6 +636,12 @@ fn count(usage: &mut TreeUsage, st: &Statx) {
     usage.inodes = usage.inodes.saturating_add(1);
 }
 
+/// fchmod of an fd (a real fd, not O_PATH) to the permission bits of `mode`.
+pub fn set_mode(fd: BorrowedFd<'_>, mode: u32) -> SysResult<()> {
+    rustix::fs::fchmod(fd, Mode::from_raw_mode(mode & 0o7777))
+        .map_err(|e| at_error("fchmod", fd, b"", e))
+}
+
 /// fsync of a directory fd (makes a just-created or removed entry durable).
 pub fn sync_dir(dir: BorrowedFd<'_>) -> SysResult<()> {
     match rustix::fs::fsync(dir) {

@@ -4,6 +4,7 @@ use std::fmt::Debug;
 use std::os::fd::BorrowedFd;
 use std::path::Path;
 
+use crate::btrfs::{Qgroup, QuotaMode};
 use crate::{FsKind, LoopDevice, LoopOptions, SysResult, ToolError};
 
 /// Whether a filesystem enforces project quotas.
@@ -141,4 +142,45 @@ pub trait Kernel: Send + Sync + Debug + 'static {
         kind: FsKind,
         mount_point: &Path,
     ) -> Result<(), ToolError>;
+
+    // ---- btrfs (the `btrfs` pool); see [`crate::btrfs`] for the ioctls
+
+    /// Creates subvolume `name` (one component) in directory `dir`. EEXIST when taken.
+    fn btrfs_create_subvolume(&self, dir: BorrowedFd<'_>, name: &str) -> SysResult<()>;
+
+    /// Destroys the subvolume `name` in `dir`: ENOENT when absent, EINVAL when not a
+    /// subvolume, ENOTEMPTY while it holds other subvolumes.
+    fn btrfs_destroy_subvolume(&self, dir: BorrowedFd<'_>, name: &str) -> SysResult<()>;
+
+    /// Destroys the subvolume with id `subvolume` on the filesystem holding `fs`, wherever
+    /// it is. ENOENT when absent, ENOTEMPTY while it holds other subvolumes.
+    fn btrfs_destroy_subvolume_id(&self, fs: BorrowedFd<'_>, subvolume: u64) -> SysResult<()>;
+
+    /// The id of the subvolume holding `fd`.
+    fn btrfs_subvolume_id(&self, fd: BorrowedFd<'_>) -> SysResult<u64>;
+
+    /// Ids of the subvolumes directly inside subvolume `parent`.
+    fn btrfs_child_subvolumes(&self, fs: BorrowedFd<'_>, parent: u64) -> SysResult<Vec<u64>>;
+
+    /// How quotas are accounted on the filesystem holding `fs` (off, qgroups, simple).
+    fn btrfs_quota_mode(&self, fs: BorrowedFd<'_>) -> SysResult<QuotaMode>;
+
+    /// Turns quotas on (simple quotas when `simple`); quotas already on stay as they are.
+    fn btrfs_enable_quota(&self, fs: BorrowedFd<'_>, simple: bool) -> SysResult<()>;
+
+    /// Creates the level-0 qgroup of `subvolume` (EEXIST when it exists).
+    fn btrfs_qgroup_create(&self, fs: BorrowedFd<'_>, subvolume: u64) -> SysResult<()>;
+
+    /// Removes the level-0 qgroup of `subvolume`: ENOENT when absent, EBUSY while the kernel
+    /// still counts something in it (a subvolume not yet cleaned up).
+    fn btrfs_qgroup_remove(&self, fs: BorrowedFd<'_>, subvolume: u64) -> SysResult<()>;
+
+    /// Sets the referenced-bytes limit of qgroup `0/<subvolume>` (ENOENT when absent).
+    fn btrfs_qgroup_limit(&self, fs: BorrowedFd<'_>, subvolume: u64, bytes: u64) -> SysResult<()>;
+
+    /// Every level-0 qgroup with its counters and limit, as of the last commit.
+    fn btrfs_qgroups(&self, fs: BorrowedFd<'_>) -> SysResult<Vec<Qgroup>>;
+
+    /// Commits the filesystem holding `fs` (syncfs): subvolume and qgroup changes durable.
+    fn btrfs_commit(&self, fs: BorrowedFd<'_>) -> SysResult<()>;
 }

@@ -15,6 +15,7 @@
 //! This is the only crate of the workspace allowed `unsafe`; each block says why it is sound.
 
 pub mod blockfs;
+pub mod btrfs;
 mod error;
 pub mod fake;
 pub mod fs;
@@ -25,6 +26,7 @@ pub mod loopdev;
 pub mod mountinfo;
 
 pub use blockfs::{DeviceContent, FsKind};
+pub use btrfs::{Qgroup, QuotaMode as BtrfsQuotaMode};
 pub use error::{SysError, SysResult, ToolError, ToolFailure};
 pub use fake::{FakeKernel, FakeLoop, KernelCall};
 pub use kernel::{Kernel, MountAttrs, QuotaSupport, QuotaUsage};

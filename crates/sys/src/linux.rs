@@ -10,7 +10,7 @@ use rustix::mount::{MountAttrFlags, MoveMountFlags, OpenTreeFlags, UnmountFlags}
 
 use crate::fs::{fd_desc, file_info};
 use crate::{
-    blockfs, loopdev, FsKind, Kernel, LoopDevice, LoopOptions, MountAttrs, QuotaSupport,
+    blockfs, btrfs, loopdev, FsKind, Kernel, LoopDevice, LoopOptions, MountAttrs, QuotaSupport,
     QuotaUsage, SysError, SysResult, ToolError,
 };
 
@@ -238,7 +238,7 @@ pub(crate) fn fsmount_attrs(attrs: MountAttrs) -> MountAttrFlags {
 }
 
 /// ioctls need a real open file, not an O_PATH fd: re-open the same inode if needed.
-fn ioctl_fd(fd: BorrowedFd<'_>) -> SysResult<Option<OwnedFd>> {
+pub(crate) fn ioctl_fd(fd: BorrowedFd<'_>) -> SysResult<Option<OwnedFd>> {
     let flags = rustix::fs::fcntl_getfl(fd).map_err(|e| SysError::new("fcntl", fd_desc(fd), e))?;
     if !flags.contains(OFlags::PATH) {
         return Ok(None);
@@ -549,6 +549,64 @@ impl Kernel for LinuxKernel {
     ) -> Result<(), ToolError> {
         blockfs::grow_fs(device, kind, mount_point)
     }
+
+    fn btrfs_create_subvolume(&self, dir: BorrowedFd<'_>, name: &str) -> SysResult<()> {
+        with_ioctl_fd(dir, |fd| btrfs::create_subvolume(fd, name))
+    }
+
+    fn btrfs_destroy_subvolume(&self, dir: BorrowedFd<'_>, name: &str) -> SysResult<()> {
+        with_ioctl_fd(dir, |fd| btrfs::destroy_subvolume(fd, name))
+    }
+
+    fn btrfs_destroy_subvolume_id(&self, fs: BorrowedFd<'_>, subvolume: u64) -> SysResult<()> {
+        with_ioctl_fd(fs, |fd| btrfs::destroy_subvolume_id(fd, subvolume))
+    }
+
+    fn btrfs_subvolume_id(&self, fd: BorrowedFd<'_>) -> SysResult<u64> {
+        with_ioctl_fd(fd, btrfs::subvolume_id)
+    }
+
+    fn btrfs_child_subvolumes(&self, fs: BorrowedFd<'_>, parent: u64) -> SysResult<Vec<u64>> {
+        with_ioctl_fd(fs, |fd| btrfs::child_subvolumes(fd, parent))
+    }
+
+    fn btrfs_quota_mode(&self, fs: BorrowedFd<'_>) -> SysResult<btrfs::QuotaMode> {
+        with_ioctl_fd(fs, btrfs::quota_mode)
+    }
+
+    fn btrfs_enable_quota(&self, fs: BorrowedFd<'_>, simple: bool) -> SysResult<()> {
+        with_ioctl_fd(fs, |fd| btrfs::enable_quota(fd, simple))
+    }
+
+    fn btrfs_qgroup_create(&self, fs: BorrowedFd<'_>, subvolume: u64) -> SysResult<()> {
+        with_ioctl_fd(fs, |fd| btrfs::qgroup_create(fd, subvolume, true))
+    }
+
+    fn btrfs_qgroup_remove(&self, fs: BorrowedFd<'_>, subvolume: u64) -> SysResult<()> {
+        with_ioctl_fd(fs, |fd| btrfs::qgroup_create(fd, subvolume, false))
+    }
+
+    fn btrfs_qgroup_limit(&self, fs: BorrowedFd<'_>, subvolume: u64, bytes: u64) -> SysResult<()> {
+        with_ioctl_fd(fs, |fd| btrfs::qgroup_limit(fd, subvolume, bytes))
+    }
+
+    fn btrfs_qgroups(&self, fs: BorrowedFd<'_>) -> SysResult<Vec<btrfs::Qgroup>> {
+        with_ioctl_fd(fs, btrfs::qgroups)
+    }
+
+    fn btrfs_commit(&self, fs: BorrowedFd<'_>) -> SysResult<()> {
+        btrfs::commit(fs)
+    }
+}
+
+/// Runs `f` on `fd`, or on a re-opened real fd of the same inode when `fd` is O_PATH (which
+/// ioctls refuse).
+fn with_ioctl_fd<T>(
+    fd: BorrowedFd<'_>,
+    f: impl FnOnce(BorrowedFd<'_>) -> SysResult<T>,
+) -> SysResult<T> {
+    let reopened = ioctl_fd(fd)?;
+    f(reopened.as_ref().map_or(fd, |o| o.as_fd()))
 }
 
 #[cfg(test)]

@@ -271,3 +271,107 @@ fn ext4_without_project_quota() {
     assert_eq!(err.errno, Errno::NOTSUP, "{err}");
     assert_eq!(LinuxKernel.project_id(vol.as_fd()).expect("project_id"), 0);
 }
+
+#[test]
+fn btrfs_subvolumes_and_quotas() {
+    use stowage_sys::BtrfsQuotaMode;
+    let test = "btrfs_subvolumes_and_quotas";
+    if !root_or_skip(test) {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let Some((mnt, _guard)) = common::mount_btrfs(dir.path(), test) else {
+        return;
+    };
+    let k = LinuxKernel;
+    let top = open_trusted_dir(&mnt).expect("open mnt");
+    let top = top.as_fd();
+    assert_eq!(k.btrfs_quota_mode(top).expect("mode"), BtrfsQuotaMode::Off);
+    assert!(k.btrfs_qgroups(top).expect("qgroups").is_empty());
+    k.btrfs_enable_quota(top, true)
+        .expect("enable simple quotas");
+    assert_eq!(
+        k.btrfs_quota_mode(top).expect("mode"),
+        BtrfsQuotaMode::Simple
+    );
+    // Enabling again is a no-op.
+    k.btrfs_enable_quota(top, false).expect("enable again");
+    assert_eq!(
+        k.btrfs_quota_mode(top).expect("mode"),
+        BtrfsQuotaMode::Simple
+    );
+
+    k.btrfs_create_subvolume(top, "vol").expect("create");
+    let err = k.btrfs_create_subvolume(top, "vol").expect_err("twice");
+    assert_eq!(err.errno, Errno::EXIST, "{err}");
+    let vol = stowage_sys::fs::open_dir_beneath(top, Path::new("vol")).expect("open vol");
+    let info = file_info(vol.as_fd()).expect("statx");
+    assert_eq!(info.id.ino, stowage_sys::btrfs::SUBVOLUME_ROOT_INO);
+    let id = k.btrfs_subvolume_id(vol.as_fd()).expect("subvolume id");
+    assert!(id >= 256, "{id}");
+    assert_eq!(k.btrfs_subvolume_id(top).expect("top id"), 5);
+    k.btrfs_qgroup_limit(top, id, 4 << 20).expect("limit");
+    let q = k.btrfs_qgroups(top).expect("qgroups");
+    let mine = q.iter().find(|q| q.subvolume == id).expect("qgroup of vol");
+    assert_eq!(mine.max_referenced, Some(4 << 20));
+
+    // EDQUOT past the limit.
+    let mut f = fs::File::create(mnt.join("vol/fill")).expect("create file");
+    let chunk = vec![7u8; 1 << 20];
+    let mut failed = None;
+    for _ in 0..8 {
+        use std::io::Write;
+        if let Err(e) = f.write_all(&chunk).and_then(|()| f.sync_all()) {
+            failed = Some(e);
+            break;
+        }
+    }
+    let e = failed.expect("8 MiB fit into a 4 MiB qgroup");
+    assert_eq!(e.raw_os_error(), Some(libc_edquot()), "{e}");
+    drop(f);
+    k.btrfs_commit(top).expect("commit");
+    let q = k.btrfs_qgroups(top).expect("qgroups");
+    let mine = q.iter().find(|q| q.subvolume == id).expect("qgroup");
+    assert!(
+        mine.referenced >= 2 << 20 && mine.referenced <= 4 << 20,
+        "{mine:?}"
+    );
+
+    fs::remove_file(mnt.join("vol/fill")).expect("rm fill");
+    k.btrfs_commit(top).expect("commit");
+
+    // Nested subvolumes: found by id, destroyed innermost first.
+    k.btrfs_create_subvolume(vol.as_fd(), "inner")
+        .expect("nested");
+    fs::create_dir(mnt.join("vol/d")).expect("mkdir");
+    let d = stowage_sys::fs::open_dir_beneath(top, Path::new("vol/d")).expect("open d");
+    k.btrfs_create_subvolume(d.as_fd(), "deeper")
+        .expect("nested in a dir");
+    let children = k.btrfs_child_subvolumes(top, id).expect("children");
+    assert_eq!(children.len(), 2, "{children:?}");
+    let err = k
+        .btrfs_destroy_subvolume(top, "vol")
+        .expect_err("not empty");
+    assert_eq!(err.errno, Errno::NOTEMPTY, "{err}");
+    for child in children {
+        k.btrfs_destroy_subvolume_id(top, child)
+            .expect("destroy child");
+    }
+    drop((vol, d));
+    k.btrfs_destroy_subvolume(top, "vol").expect("destroy");
+    let err = k.btrfs_destroy_subvolume(top, "vol").expect_err("gone");
+    assert_eq!(err.errno, Errno::NOENT, "{err}");
+    k.btrfs_commit(top).expect("commit");
+    match k.btrfs_qgroup_remove(top, id) {
+        Ok(()) => {}
+        Err(e) => eprintln!("qgroup remove right after destroy: {e}"),
+    }
+    let err = k
+        .btrfs_destroy_subvolume_id(top, id)
+        .expect_err("gone by id");
+    assert_eq!(err.errno, Errno::NOENT, "{err}");
+}
+
+fn libc_edquot() -> i32 {
+    122
+}

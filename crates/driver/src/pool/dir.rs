@@ -98,16 +98,7 @@ impl DirBackend {
 
     /// Opens the volume's root directory (no link followed); NOT_FOUND when it is missing.
     pub fn open_volume(&self, id: &VolumeId) -> Result<OwnedFd> {
-        sysfs::open_dir_beneath(self.volumes.as_fd(), Path::new(id.as_str())).map_err(|e| {
-            if e.errno == Errno::NOENT {
-                Error::NotFound(format!(
-                    "the directory of volume {id} is missing from pool {:?}",
-                    self.name
-                ))
-            } else {
-                Error::internal(format!("opening volume {id}"), e)
-            }
-        })
+        super::open_volume_dir(self.volumes.as_fd(), &self.name, id)
     }
 
     /// Sets the volume directory's project (with inheritance) and the project's limit.
@@ -202,17 +193,7 @@ impl PoolBackend for DirBackend {
         // The kernel is the truth for mounts: a bind mount of this volume (or of a path in
         // it) anywhere on the node means a consumer still uses it, whatever the store says.
         match sysfs::entry_info(self.volumes.as_fd(), id) {
-            Ok(info) => {
-                let mounts = stowage_sys::mountinfo::mounts_of(info.id.dev, id)
-                    .map_err(|e| Error::internal("reading the mount table", e))?;
-                if !mounts.is_empty() {
-                    let at: Vec<String> = mounts.iter().map(|m| m.display().to_string()).collect();
-                    return Err(Error::FailedPrecondition(format!(
-                        "volume {id} is still mounted at {}; it was left in place",
-                        at.join(", ")
-                    )));
-                }
-            }
+            Ok(info) => super::refuse_if_mounted(Some(info.id.dev), &vol.id)?,
             Err(e) if e.errno == Errno::NOENT => {}
             Err(e) => return Err(Error::internal(format!("statx of volume {id}"), e)),
         }
@@ -305,9 +286,7 @@ impl PoolBackend for DirBackend {
     /// The volume directory's own inode: staging binds it as it is.
     fn mark(&self, vol: &VolumeRecord) -> Result<Mark> {
         let dir = self.open_volume(&vol.id)?;
-        let info = sysfs::file_info(dir.as_fd())
-            .map_err(|e| Error::internal(format!("statx of volume {}", vol.id), e))?;
-        Ok(Mark::Inode(info.id))
+        super::directory_mark(dir.as_fd(), &vol.id)
     }
 
     /// Binds the volume directory (opened from the pool's fd) onto the staging directory.
@@ -318,9 +297,7 @@ impl PoolBackend for DirBackend {
         how: &StageRequest<'_>,
     ) -> Result<()> {
         let dir = self.open_volume(&vol.id)?;
-        self.kernel
-            .bind_mount(dir.as_fd(), target, how.attrs)
-            .map_err(|e| Error::internal(format!("binding volume {}", vol.id), e))
+        super::bind_directory(&*self.kernel, dir.as_fd(), target, how, &vol.id)
     }
 
     /// A bind mount holds nothing else.
@@ -391,6 +368,8 @@ mod tests {
             path: dir.join("pool"),
             default_size: None,
             overcommit_ratio: None,
+            quotas: None,
+            overcommit: None,
         }
     }
 

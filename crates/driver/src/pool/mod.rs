@@ -6,10 +6,10 @@
 //! trait and never ask which kind it is; [`Pool::open`] is the only place a kind is chosen.
 //!
 //! Kinds: [`dir`] (a directory per volume, project quotas where the filesystem enforces
-//! them) and [`image`] (a sparse image file per volume on a loop device: hard sizes, raw
-//! block volumes). Planned behind the same trait: `btrfs` (a subvolume per volume with a
-//! qgroup limit).
+//! them), [`image`] (a sparse image file per volume on a loop device: hard sizes, raw
+//! block volumes) and [`btrfs`] (a subvolume per volume with a qgroup limit).
 
+pub mod btrfs;
 pub mod dir;
 pub mod image;
 
@@ -256,6 +256,7 @@ impl Pool {
         let backend: Box<dyn PoolBackend> = match cfg.kind {
             PoolKind::Dir => Box::new(dir::DirBackend::open(cfg, kernel)?),
             PoolKind::Image => Box::new(image::ImageBackend::open(cfg, kernel)?),
+            PoolKind::Btrfs => Box::new(btrfs::BtrfsBackend::open(cfg, kernel)?),
         };
         Self::with_backend(cfg, backend)
     }
@@ -312,6 +313,66 @@ pub(crate) fn sys_error(context: impl Display) -> impl FnOnce(SysError) -> Error
     move |e| match e.errno {
         Errno::NOSPC | Errno::DQUOT => Error::ResourceExhausted(format!("{context}: {e}")),
         _ => Error::internal(context, e),
+    }
+}
+
+/// Opens the root directory of volume `id` in `volumes` (no link followed); NOT_FOUND when
+/// it is missing. For the kinds whose volume is a directory (`dir`, `btrfs`).
+pub(crate) fn open_volume_dir(
+    volumes: BorrowedFd<'_>,
+    pool: &str,
+    id: &stowage_core::VolumeId,
+) -> Result<OwnedFd> {
+    stowage_sys::fs::open_dir_beneath(volumes, Path::new(id.as_str())).map_err(|e| {
+        if e.errno == Errno::NOENT {
+            Error::NotFound(format!(
+                "the directory of volume {id} is missing from pool {pool:?}"
+            ))
+        } else {
+            Error::internal(format!("opening volume {id}"), e)
+        }
+    })
+}
+
+/// The mark of a volume staged by binding its root directory: that inode.
+pub(crate) fn directory_mark(dir: BorrowedFd<'_>, id: &stowage_core::VolumeId) -> Result<Mark> {
+    let info = stowage_sys::fs::file_info(dir)
+        .map_err(|e| Error::internal(format!("statx of volume {id}"), e))?;
+    Ok(Mark::Inode(info.id))
+}
+
+/// Staging of a directory volume: binds its root directory (an fd the backend opened) onto
+/// the staging directory with the attributes the node service chose.
+pub(crate) fn bind_directory(
+    kernel: &dyn Kernel,
+    dir: BorrowedFd<'_>,
+    target: BorrowedFd<'_>,
+    how: &StageRequest<'_>,
+    id: &stowage_core::VolumeId,
+) -> Result<()> {
+    kernel
+        .bind_mount(dir, target, how.attrs)
+        .map_err(|e| Error::internal(format!("binding volume {id}"), e))
+}
+
+/// FAILED_PRECONDITION, naming where, when the kernel has the directory of volume `id` (or
+/// a path inside it) mounted anywhere in this mount namespace: a bind mount elsewhere means a
+/// consumer still uses it, whatever the store says. `dev`: the filesystem's device as the
+/// mount table shows it, when the kind knows it (None: any device; volume ids are unique).
+pub(crate) fn refuse_if_mounted(dev: Option<u64>, id: &stowage_core::VolumeId) -> Result<()> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo")
+        .map_err(|e| Error::Internal(format!("reading the mount table: {e}")))?;
+    let at: Vec<String> = stowage_sys::mountinfo::parse(&text)
+        .filter(|m| dev.is_none_or(|d| d == m.dev) && m.root.iter().any(|c| c == id.as_str()))
+        .map(|m| m.mount_point.display().to_string())
+        .collect();
+    if at.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::FailedPrecondition(format!(
+            "volume {id} is still mounted at {}; it was left in place",
+            at.join(", ")
+        )))
     }
 }
 

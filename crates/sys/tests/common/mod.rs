@@ -135,3 +135,33 @@ pub fn mount_ext4(dir: &Path, test: &str) -> Option<(PathBuf, MountGuard)> {
     }
     Some((mnt, guard))
 }
+
+/// A freshly made btrfs in a 256 MiB image file, loop-mounted at `dir/mnt`. None (after
+/// printing why) when mkfs.btrfs or mount -o loop is not usable here.
+pub fn mount_btrfs(dir: &Path, test: &str) -> Option<(PathBuf, MountGuard)> {
+    let image = dir.join("btrfs.img");
+    let mnt = dir.join("mnt");
+    std::fs::create_dir(&mnt).expect("mkdir mnt");
+    std::fs::File::create(&image)
+        .and_then(|f| f.set_len(256 << 20))
+        .expect("image file");
+    let mkfs = Command::new("mkfs.btrfs")
+        .args(["-q", "-f"])
+        .arg(&image)
+        .output();
+    if !matches!(&mkfs, Ok(o) if o.status.success()) {
+        loud!("SKIPPED (needs mkfs.btrfs, from btrfs-progs): {test}");
+        return None;
+    }
+    let guard = MountGuard(mnt.clone());
+    let mount = Command::new("mount")
+        .args(["-o", "loop"])
+        .arg(&image)
+        .arg(&mnt)
+        .status();
+    if !matches!(mount, Ok(s) if s.success()) {
+        loud!("SKIPPED (needs mount -o loop and btrfs in the kernel): {test}");
+        return None;
+    }
+    Some((mnt, guard))
+}
