@@ -5,7 +5,7 @@ use std::future::Future;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -42,6 +42,8 @@ enum OpKind {
     CreateDelete,
     PublishUnpublish,
     Snapshot,
+    /// Two Identity Probe calls.
+    Probe,
 }
 
 /// What the run needs, decided from the workload and the driver's capabilities.
@@ -100,6 +102,7 @@ impl Plan {
                     "{no_create}; pass --volume-id to snapshot an existing volume"
                 ))
             }
+            Workload::Probe => vec![OpKind::Probe],
             Workload::Mixed => {
                 let mut kinds = Vec::new();
                 if can_create {
@@ -151,6 +154,22 @@ struct Base {
     staging_path: String,
 }
 
+/// Stops a publish-unpublish run whose very first publications are refused for their
+/// path: every later operation would fail the same way, and the user needs to hear why.
+#[derive(Default)]
+struct PathGate {
+    /// Some NodePublishVolume succeeded: the path is fine, later errors are just errors.
+    accepted: std::sync::atomic::AtomicBool,
+    /// The refusal that stopped the run.
+    refused: OnceLock<Status>,
+}
+
+impl PathGate {
+    fn is_closed(&self) -> bool {
+        self.refused.get().is_some()
+    }
+}
+
 /// State shared by setup, workers and cleanup (also of `bench scale`).
 pub(super) struct Env {
     pub(super) channels: Vec<Channel>,
@@ -177,6 +196,44 @@ impl Env {
 
     fn node(&self, worker: usize) -> NodeClient<Channel> {
         NodeClient::new(self.channel(worker))
+    }
+
+    fn identity(&self, worker: usize) -> IdentityClient<Channel> {
+        IdentityClient::new(self.channel(worker))
+    }
+
+    /// Whether `status` is the driver refusing the staging or target path the bench chose
+    /// (all of them lie under `target_dir`): INVALID_ARGUMENT, NOT_FOUND or
+    /// FAILED_PRECONDITION with a message that names the path or speaks of the kubelet
+    /// directory or of a path outside what is allowed.
+    fn refuses_path(&self, status: &Status) -> bool {
+        if !matches!(
+            status.code(),
+            Code::InvalidArgument | Code::NotFound | Code::FailedPrecondition
+        ) {
+            return false;
+        }
+        let message = status.message().to_lowercase();
+        let names_dir = self
+            .target_dir
+            .to_str()
+            .is_some_and(|d| message.contains(&d.to_lowercase()));
+        names_dir
+            || ["kubelet", "outside", "not allowed"]
+                .iter()
+                .any(|word| message.contains(word))
+    }
+
+    /// The error for a refused path: what the driver said and what to do about it.
+    fn path_refusal(&self, call: &str, status: &Status) -> String {
+        format!(
+            "{call}: {}. The driver refused a path under {}; a driver that serves only its \
+             kubelet directory (stowage: --kubelet-dir) accepts staging and target paths only \
+             beneath it: pass --target-dir with a directory under the driver's kubelet \
+             directory (e.g. <kubelet-dir>/bench).",
+            self.describe(status),
+            self.target_dir.display()
+        )
     }
 
     pub(super) fn describe(&self, status: &Status) -> String {
@@ -589,6 +646,7 @@ pub(super) async fn run(
     let mut recorder = Recorder::default();
     let done = Arc::new(AtomicUsize::new(0));
     let failed = Arc::new(AtomicUsize::new(0));
+    let gate = Arc::new(PathGate::default());
     let mut elapsed = Duration::ZERO;
     match setup(&env, &plan, args, cancel).await {
         Ok(bases) => {
@@ -603,6 +661,7 @@ pub(super) async fn run(
                 count,
                 workers,
                 cancel,
+                &gate,
                 &done,
                 &failed,
             )
@@ -611,6 +670,11 @@ pub(super) async fn run(
             if let Some(p) = progress {
                 p.finish();
             }
+            if let Some(s) = gate.refused.get() {
+                let msg = env.path_refusal("NodePublishVolume", s);
+                let _ = writeln!(err, "error: {msg}");
+                setup_error = Some((msg, exit::from_grpc(s.code())));
+            }
         }
         Err(SetupError::Cancelled) => {}
         Err(SetupError::Local(msg)) => {
@@ -618,7 +682,11 @@ pub(super) async fn run(
             setup_error = Some((msg, exit::LOCAL_ERROR));
         }
         Err(SetupError::Rpc(call, s)) => {
-            let msg = format!("{call}: {}", env.describe(&s));
+            let msg = if call == "NodeStageVolume" && env.refuses_path(&s) {
+                env.path_refusal(call, &s)
+            } else {
+                format!("{call}: {}", env.describe(&s))
+            };
             let _ = writeln!(err, "error: setup: {msg}");
             setup_error = Some((msg, exit::from_grpc(s.code())));
         }
@@ -930,6 +998,7 @@ async fn run_workers(
     count: usize,
     workers: usize,
     cancel: &CancelToken,
+    gate: &Arc<PathGate>,
     done: &Arc<AtomicUsize>,
     failed: &Arc<AtomicUsize>,
 ) -> Recorder {
@@ -941,6 +1010,7 @@ async fn run_workers(
         let bases = bases.clone();
         let kinds = kinds.clone();
         let cancel = cancel.clone();
+        let gate = gate.clone();
         let next = next.clone();
         let done = done.clone();
         let failed = failed.clone();
@@ -948,7 +1018,7 @@ async fn run_workers(
             let mut rec = Recorder::default();
             // Cancellation is checked between operations only: an operation that started
             // is finished (its second half undoes the first), which is cleanup anyway.
-            while !cancel.is_cancelled() {
+            while !cancel.is_cancelled() && !gate.is_closed() {
                 let i = next.fetch_add(1, Ordering::SeqCst);
                 if i >= count {
                     break;
@@ -956,11 +1026,13 @@ async fn run_workers(
                 let ok = match kinds[i % kinds.len()] {
                     OpKind::CreateDelete => op_create_delete(&env, w, i, &mut rec).await,
                     OpKind::PublishUnpublish => {
-                        op_publish_unpublish(&env, &bases[w % bases.len()], w, i, &mut rec).await
+                        let base = &bases[w % bases.len()];
+                        op_publish_unpublish(&env, base, &gate, w, i, &mut rec).await
                     }
                     OpKind::Snapshot => {
                         op_snapshot(&env, &bases[w % bases.len()], w, i, &mut rec).await
                     }
+                    OpKind::Probe => op_probe(&env, w, &mut rec).await,
                 };
                 if !ok {
                     failed.fetch_add(1, Ordering::SeqCst);
@@ -1011,6 +1083,7 @@ async fn op_create_delete(env: &Env, w: usize, i: usize, rec: &mut Recorder) -> 
 async fn op_publish_unpublish(
     env: &Env,
     base: &Base,
+    gate: &PathGate,
     w: usize,
     i: usize,
     rec: &mut Recorder,
@@ -1023,9 +1096,13 @@ async fn op_publish_unpublish(
     let start = Instant::now();
     if let Err(s) = env.node_publish(w, base, target).await {
         rec.error("NodePublishVolume", env.describe(&s));
+        if !gate.accepted.load(Ordering::SeqCst) && env.refuses_path(&s) {
+            let _ = gate.refused.set(s);
+        }
         return false;
     }
     rec.ok("NodePublishVolume", start.elapsed());
+    gate.accepted.store(true, Ordering::SeqCst);
     let start = Instant::now();
     match env.node_unpublish(w, &base.volume_id, target).await {
         Ok(()) => {
@@ -1037,6 +1114,23 @@ async fn op_publish_unpublish(
             false
         }
     }
+}
+
+/// Two Probe calls, each recorded on its own; a probe that answers `ready: false` still
+/// made its round trip, which is what this workload measures.
+async fn op_probe(env: &Env, w: usize, rec: &mut Recorder) -> bool {
+    let t = env.timeout;
+    for _ in 0..2 {
+        let start = Instant::now();
+        match unary(t, env.identity(w).probe(request(csi::ProbeRequest {}, t))).await {
+            Ok(_) => rec.ok("Probe", start.elapsed()),
+            Err(s) => {
+                rec.error("Probe", env.describe(&s));
+                return false;
+            }
+        }
+    }
+    true
 }
 
 async fn op_snapshot(env: &Env, base: &Base, w: usize, i: usize, rec: &mut Recorder) -> bool {

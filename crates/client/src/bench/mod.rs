@@ -3,7 +3,8 @@
 //! raw syscalls, for comparison.
 //!
 //! ```text
-//! stowage bench [--endpoint unix:///…] [--workload create-delete|publish-unpublish|snapshot|mixed]
+//! stowage bench [--endpoint unix:///…]
+//!               [--workload create-delete|publish-unpublish|snapshot|mixed|probe]
 //!               [--count N] [--concurrency N] [--connections N] [--size 1Mi] [--param k=v]...
 //!               [--pid DRIVER_PID] [--target-dir DIR] [--volume-id ID] [--output table|json]
 //! stowage bench scale [--endpoint unix:///…] --steps N[,N…] [--probe-count 500] [--page-size 0]
@@ -32,6 +33,16 @@
 //!   a SINGLE_NODE_WRITER volume with FAILED_PRECONDITION.
 //! * `snapshot`: CreateSnapshot + DeleteSnapshot on one source volume.
 //! * `mixed`: operation `i` rotates through the workloads above that the driver supports.
+//! * `probe`: two Identity `Probe` calls, the cheapest RPC a driver answers. One operation
+//!   is two round trips, like a create-delete or publish-unpublish pair, so the rate of
+//!   this workload at the same `--concurrency` is the transport floor those pairs are
+//!   judged against: what gRPC over the socket and this client allow, with no work in the
+//!   driver. Needs no setup and creates nothing.
+//!
+//! A driver may accept staging and target paths only under its kubelet directory (stowage
+//! does). When it refuses the path the bench sent — at NodeStageVolume during setup or at
+//! the first NodePublishVolume — the run stops and the error says to pass `--target-dir`
+//! under that directory.
 //!
 //! Cleanup always runs, also after a failure or SIGINT/SIGTERM: no new operations are
 //! started, in-flight ones finish, then everything in the registry is undone in reverse
@@ -119,7 +130,8 @@ pub struct BenchArgs {
     pub volume_id: Option<String>,
 
     /// Directory for staging and target paths; must be visible to the driver at the same
-    /// path [default: a new directory under the system temp dir].
+    /// path, and under its kubelet directory if it has one (stowage's --kubelet-dir)
+    /// [default: a new directory under the system temp dir].
     #[arg(long, value_name = "DIR")]
     pub target_dir: Option<PathBuf>,
 
@@ -249,6 +261,8 @@ pub enum Workload {
     Snapshot,
     /// A rotation of the above.
     Mixed,
+    /// Two Identity Probe calls: the gRPC transport floor for the pairs above.
+    Probe,
 }
 
 impl Workload {
@@ -258,6 +272,7 @@ impl Workload {
             Self::PublishUnpublish => "publish-unpublish",
             Self::Snapshot => "snapshot",
             Self::Mixed => "mixed",
+            Self::Probe => "probe",
         }
     }
 }

@@ -276,6 +276,154 @@ async fn mixed_workload() {
     .await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probe_workload_counts_two_probes_per_operation() {
+    bounded(LIMIT, async {
+        let s = FakeServer::start(Behavior::default()).await;
+        let r = bench(
+            &s,
+            &[
+                "--workload",
+                "probe",
+                "--count",
+                "10",
+                "--concurrency",
+                "3",
+                "-o",
+                "json",
+            ],
+        )
+        .await;
+        let j = r.json();
+        assert_complete(&r, &j, 10);
+        assert_eq!(j["workload"], "probe");
+        assert_eq!(call(&j, "Probe")["ok"], 20);
+        assert_eq!(j["calls"].as_array().unwrap().len(), 1, "{j:#}");
+        let state = s.state();
+        assert!(state.is_clean(), "{state:?}");
+        assert_eq!(state.create_volume_calls, 0);
+        assert_eq!(state.node_publish_calls, 0);
+    })
+    .await;
+}
+
+const TARGET_DIR_HINT: &str =
+    "pass --target-dir with a directory under the driver's kubelet directory";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_staging_path_says_to_pass_target_dir() {
+    bounded(LIMIT, async {
+        let dir = tempfile::tempdir().unwrap();
+        let kubelet = dir.path().join("kubelet");
+        std::fs::create_dir(&kubelet).unwrap();
+        let s = FakeServer::start(Behavior {
+            stage: true,
+            allowed_dir: Some(kubelet.clone()),
+            ..Default::default()
+        })
+        .await;
+        let outside = dir.path().join("elsewhere");
+        let argv = |target: &str| {
+            [
+                "--workload",
+                "publish-unpublish",
+                "--count",
+                "4",
+                "--concurrency",
+                "2",
+                "--target-dir",
+                target,
+                "-o",
+                "json",
+            ]
+            .map(str::to_owned)
+        };
+        let refused = argv(outside.to_str().unwrap());
+        let refused: Vec<&str> = refused.iter().map(String::as_str).collect();
+        let r = bench(&s, &refused).await;
+        // 10 + INVALID_ARGUMENT (3): the driver's refusal at setup.
+        assert_eq!(r.code, 13, "stdout: {}\nstderr: {}", r.out, r.err);
+        assert!(
+            r.err.contains("NodeStageVolume: INVALID_ARGUMENT"),
+            "{}",
+            r.err
+        );
+        assert!(r.err.contains(TARGET_DIR_HINT), "{}", r.err);
+        let j = r.json();
+        assert!(
+            j["setup_error"].as_str().unwrap().contains(TARGET_DIR_HINT),
+            "{j:#}"
+        );
+        assert_eq!(j["completed"], 0);
+        assert_eq!(s.state().node_publish_calls, 0);
+        assert!(s.state().is_clean(), "{:?}", s.state());
+        assert!(!outside.exists(), "target dir left behind");
+
+        // The same run with the target dir under the allowed directory goes through.
+        let inside = kubelet.join("bench");
+        let accepted = argv(inside.to_str().unwrap());
+        let accepted: Vec<&str> = accepted.iter().map(String::as_str).collect();
+        let r = bench(&s, &accepted).await;
+        assert_complete(&r, &r.json(), 4);
+        assert!(!r.err.contains("--target-dir"), "{}", r.err);
+        assert!(s.state().is_clean(), "{:?}", s.state());
+        assert!(!inside.exists(), "target dir left behind");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_target_path_stops_the_run_and_says_to_pass_target_dir() {
+    bounded(LIMIT, async {
+        let dir = tempfile::tempdir().unwrap();
+        // No staging: the first call that carries a path is NodePublishVolume.
+        let s = FakeServer::start(Behavior {
+            allowed_dir: Some(dir.path().join("kubelet")),
+            ..Default::default()
+        })
+        .await;
+        let outside = dir.path().join("elsewhere");
+        let r = bench(
+            &s,
+            &[
+                "--workload",
+                "publish-unpublish",
+                "--count",
+                "1000",
+                "--concurrency",
+                "2",
+                "--target-dir",
+                outside.to_str().unwrap(),
+                "-o",
+                "json",
+            ],
+        )
+        .await;
+        assert_eq!(r.code, 13, "stdout: {}\nstderr: {}", r.out, r.err);
+        assert!(
+            r.err.contains("NodePublishVolume: INVALID_ARGUMENT"),
+            "{}",
+            r.err
+        );
+        assert!(r.err.contains(TARGET_DIR_HINT), "{}", r.err);
+        let j = r.json();
+        assert!(
+            j["setup_error"].as_str().unwrap().contains(TARGET_DIR_HINT),
+            "{j:#}"
+        );
+        // Each worker stops after its first refused publication.
+        let calls = s.state().node_publish_calls;
+        assert!((1..=2).contains(&calls), "{calls} publications tried");
+        assert_eq!(
+            call(&j, "NodePublishVolume")["errors"].as_u64(),
+            Some(calls as u64)
+        );
+        assert!(s.state().is_clean(), "{:?}", s.state());
+        assert!(!outside.exists(), "target dir left behind");
+    })
+    .await;
+}
+
 /// Waits until `pred` holds on the fake's state.
 pub(crate) async fn wait_for(s: &FakeServer, pred: impl Fn(&crate::fake::State) -> bool) {
     while !pred(&s.state()) {
@@ -427,6 +575,7 @@ async fn setup_failure_reports_grpc_code() {
         .await;
         assert_eq!(r.code, 15, "{}", r.err);
         assert!(r.err.contains("NOT_FOUND"), "{}", r.err);
+        assert!(!r.err.contains("--target-dir"), "{}", r.err);
         assert!(s.state().is_clean());
     })
     .await;

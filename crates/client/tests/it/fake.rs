@@ -5,6 +5,7 @@
 //! second target, and required staging when STAGE_UNSTAGE_VOLUME is advertised.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -35,6 +36,9 @@ pub struct Behavior {
     /// ListVolumes never returns more than this many volumes in total, across all pages
     /// (a driver whose pagination loses entries).
     pub list_cap: Option<usize>,
+    /// Accept staging and target paths only beneath this directory, as a driver with a
+    /// kubelet-directory allow-list does (INVALID_ARGUMENT otherwise).
+    pub allowed_dir: Option<PathBuf>,
 }
 
 /// Observable state of the fake.
@@ -73,6 +77,20 @@ struct Fake {
 impl Fake {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap()
+    }
+
+    /// INVALID_ARGUMENT for a path outside [`Behavior::allowed_dir`], worded the way
+    /// stowage words it.
+    fn check_path(&self, field: &str, path: &str) -> Result<(), Status> {
+        match &self.behavior.allowed_dir {
+            Some(dir) if !Path::new(path).starts_with(dir) || Path::new(path) == dir => {
+                Err(Status::invalid_argument(format!(
+                    "{field} {path:?} is outside the kubelet directories this driver serves ({})",
+                    dir.display()
+                )))
+            }
+            _ => Ok(()),
+        }
     }
 
     fn record_secrets(&self, secrets: &HashMap<String, String>) {
@@ -558,6 +576,7 @@ impl Node for Fake {
     ) -> Result<Response<NodeStageVolumeResponse>, Status> {
         let r = request.into_inner();
         self.record_secrets(&r.secrets);
+        self.check_path("staging_target_path", &r.staging_target_path)?;
         let mut s = self.lock();
         if !s.volumes.contains_key(&r.volume_id) {
             return Err(not_found(&r.volume_id));
@@ -591,6 +610,7 @@ impl Node for Fake {
         let r = request.into_inner();
         self.record_secrets(&r.secrets);
         self.lock().node_publish_calls += 1;
+        self.check_path("target_path", &r.target_path)?;
         if !self.behavior.op_delay.is_zero() {
             tokio::time::sleep(self.behavior.op_delay).await;
         }
