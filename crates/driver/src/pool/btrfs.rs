@@ -83,17 +83,8 @@ impl BtrfsBackend {
                 cfg.path.display()
             )));
         }
+        let (volumes, _) = super::open_pool_dir(cfg, "volumes")?;
         let volumes_path = cfg.path.join("volumes");
-        sysfs::create_trusted_dir_all(&volumes_path).map_err(sys(format!(
-            "pool {:?}: creating {}",
-            cfg.name,
-            volumes_path.display()
-        )))?;
-        let volumes = sysfs::open_trusted_dir(&volumes_path).map_err(sys(format!(
-            "pool {:?}: opening {}",
-            cfg.name,
-            volumes_path.display()
-        )))?;
         // Symlinks in the configured path were followed: compare mounts with the real one.
         let volumes_path = std::fs::read_link(format!(
             "/proc/self/fd/{}",
@@ -542,14 +533,6 @@ impl PoolBackend for BtrfsBackend {
     ) -> Result<()> {
         let dir = self.open_volume(&vol.id)?;
         super::bind_directory(&*self.kernel, dir.as_fd(), target, how, &vol.id)
-    }
-
-    fn unstage(&self, _vol: &VolumeRecord) -> Result<()> {
-        Ok(())
-    }
-
-    fn publish_source(&self, _vol: &VolumeRecord, staged: OwnedFd) -> Result<OwnedFd> {
-        Ok(staged)
     }
 
     /// Referenced bytes of the volume's qgroup against its limit, as of the last transaction

@@ -39,19 +39,7 @@ impl DirBackend {
     /// Opens (creating if needed) the pool's volume directory and detects whether its
     /// filesystem enforces project quotas.
     pub fn open(cfg: &PoolConfig, kernel: Arc<dyn Kernel>) -> Result<Self> {
-        let volumes_path = cfg.path.join("volumes");
-        sysfs::create_trusted_dir_all(&volumes_path).map_err(sys(format!(
-            "pool {:?}: creating {}",
-            cfg.name,
-            volumes_path.display()
-        )))?;
-        let volumes = sysfs::open_trusted_dir(&volumes_path).map_err(sys(format!(
-            "pool {:?}: opening {}",
-            cfg.name,
-            volumes_path.display()
-        )))?;
-        let fs_type = sysfs::fs_type_name(volumes.as_fd())
-            .map_err(sys(format!("pool {:?}: statfs", cfg.name)))?;
+        let (volumes, fs_type) = super::open_pool_dir(cfg, "volumes")?;
         let quota = kernel.quota_support(volumes.as_fd());
         match &quota {
             QuotaSupport::Enforced => tracing::info!(
@@ -298,16 +286,6 @@ impl PoolBackend for DirBackend {
     ) -> Result<()> {
         let dir = self.open_volume(&vol.id)?;
         super::bind_directory(&*self.kernel, dir.as_fd(), target, how, &vol.id)
-    }
-
-    /// A bind mount holds nothing else.
-    fn unstage(&self, _vol: &VolumeRecord) -> Result<()> {
-        Ok(())
-    }
-
-    /// The staging mount, a bind of the volume directory.
-    fn publish_source(&self, _vol: &VolumeRecord, staged: OwnedFd) -> Result<OwnedFd> {
-        Ok(staged)
     }
 
     /// The quota's counters where quotas are enforced, otherwise a walk of the volume's

@@ -80,19 +80,8 @@ impl ImageBackend {
     /// Opens (creating if needed) the pool's image directory and says in the log how its
     /// capacity is accounted.
     pub fn open(cfg: &PoolConfig, kernel: Arc<dyn Kernel>) -> Result<Self> {
+        let (images, fs_type) = super::open_pool_dir(cfg, "images")?;
         let images_path = cfg.path.join("images");
-        sysfs::create_trusted_dir_all(&images_path).map_err(sys(format!(
-            "pool {:?}: creating {}",
-            cfg.name,
-            images_path.display()
-        )))?;
-        let images = sysfs::open_trusted_dir(&images_path).map_err(sys(format!(
-            "pool {:?}: opening {}",
-            cfg.name,
-            images_path.display()
-        )))?;
-        let fs_type = sysfs::fs_type_name(images.as_fd())
-            .map_err(sys(format!("pool {:?}: statfs", cfg.name)))?;
         let overcommit = cfg.overcommit_ratio.filter(|r| *r > 1.0);
         match overcommit {
             None => tracing::info!(

@@ -15,14 +15,14 @@ pub mod image;
 
 use std::collections::HashMap;
 use std::fmt::{Debug, Display};
-use std::os::fd::{BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use stowage_core::config::{PoolConfig, PoolKind};
 use stowage_core::request::Access;
 use stowage_core::{Error, Result};
-use stowage_sys::fs::InodeId;
+use stowage_sys::fs::{self as sysfs, InodeId};
 use stowage_sys::{Errno, Kernel, MountAttrs, SysError};
 
 use crate::store::VolumeRecord;
@@ -214,13 +214,19 @@ pub trait PoolBackend: Send + Sync + Debug {
     /// After the node service removed every mount of the volume at a staging path: releases
     /// what [`PoolBackend::stage`] held besides the mount (a device-backed kind detaches its
     /// device once no mount of the volume is left). Idempotent; nothing held is not an error.
-    fn unstage(&self, vol: &VolumeRecord) -> Result<()>;
+    /// The default is for kinds whose stage is a bind mount alone, which holds nothing else.
+    fn unstage(&self, _vol: &VolumeRecord) -> Result<()> {
+        Ok(())
+    }
 
     /// What NodePublishVolume binds at a target, given the volume's staging mount as the
     /// node service resolved and checked it (its root matches the mark): that mount itself
     /// for a filesystem volume; the volume's device node (opened `O_PATH`) for a block
-    /// volume, once a kind serves those. The bind's root must match the mark.
-    fn publish_source(&self, vol: &VolumeRecord, staged: OwnedFd) -> Result<OwnedFd>;
+    /// volume, once a kind serves those. The bind's root must match the mark. The default
+    /// is for kinds that serve only filesystem volumes: the staging mount itself.
+    fn publish_source(&self, _vol: &VolumeRecord, staged: OwnedFd) -> Result<OwnedFd> {
+        Ok(staged)
+    }
 
     /// NodeExpandVolume, with the volume's recorded capacity already raised by the caller
     /// (and [`PoolBackend::expand`] done): makes what the consumer sees follow — the device's
@@ -318,6 +324,25 @@ pub(crate) fn sys_error(context: impl Display) -> impl FnOnce(SysError) -> Error
 
 /// Opens the root directory of volume `id` in `volumes` (no link followed); NOT_FOUND when
 /// it is missing. For the kinds whose volume is a directory (`dir`, `btrfs`).
+/// Creates (if needed) and opens `<pool path>/<sub>`, the directory a kind keeps its
+/// volumes in, and names the filesystem holding it.
+pub(crate) fn open_pool_dir(cfg: &PoolConfig, sub: &str) -> Result<(OwnedFd, String)> {
+    let path = cfg.path.join(sub);
+    sysfs::create_trusted_dir_all(&path).map_err(sys_error(format!(
+        "pool {:?}: creating {}",
+        cfg.name,
+        path.display()
+    )))?;
+    let dir = sysfs::open_trusted_dir(&path).map_err(sys_error(format!(
+        "pool {:?}: opening {}",
+        cfg.name,
+        path.display()
+    )))?;
+    let fs_type = sysfs::fs_type_name(dir.as_fd())
+        .map_err(sys_error(format!("pool {:?}: statfs", cfg.name)))?;
+    Ok((dir, fs_type))
+}
+
 pub(crate) fn open_volume_dir(
     volumes: BorrowedFd<'_>,
     pool: &str,
