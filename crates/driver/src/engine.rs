@@ -88,6 +88,10 @@ pub struct Engine {
     ready: AtomicBool,
     /// Advertised by NodeGetInfo when set.
     pub max_volumes_per_node: Option<i64>,
+    /// Whether the controller service offers EXPAND_VOLUME (`--controller-expansion`). Off,
+    /// Kubernetes' external-resizer only marks the claim for the node step, which the
+    /// volume's own node then does whole (see docs/operations.md, "Volume expansion").
+    pub controller_expansion: bool,
     /// Directories node requests' paths must lie under (`--kubelet-dir`).
     pub kubelet_dirs: Vec<PathBuf>,
 }
@@ -119,6 +123,7 @@ impl Engine {
             topology,
             ready: AtomicBool::new(false),
             max_volumes_per_node: None,
+            controller_expansion: true,
             kubelet_dirs: vec![PathBuf::from("/var/lib/kubelet")],
         })
     }

@@ -40,6 +40,8 @@ pub struct ServeOptions {
     pub mode: Mode,
     /// Directories node requests' paths must lie under.
     pub kubelet_dirs: Vec<PathBuf>,
+    /// Whether ControllerExpandVolume is offered (see [`Engine::controller_expansion`]).
+    pub controller_expansion: bool,
 }
 
 /// The socket path of a `unix://` endpoint.
@@ -83,6 +85,7 @@ pub fn build_engine(opts: &ServeOptions, kernel: Arc<dyn Kernel>) -> Result<Engi
     let mut engine = Engine::new(store, pools, identity, kernel)?;
     engine.max_volumes_per_node = config.max_volumes_per_node;
     engine.kubelet_dirs = opts.kubelet_dirs.clone();
+    engine.controller_expansion = opts.controller_expansion;
     Ok(engine)
 }
 

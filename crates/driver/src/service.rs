@@ -348,6 +348,7 @@ impl csi::controller_server::Controller for Driver {
             CtrlCap::ExpandVolume,
         ]
         .into_iter()
+        .filter(|c| *c != CtrlCap::ExpandVolume || self.engine.controller_expansion)
         .map(|t| csi::ControllerServiceCapability {
             r#type: Some(csi::controller_service_capability::Type::Rpc(
                 csi::controller_service_capability::Rpc { r#type: t as i32 },
@@ -391,6 +392,9 @@ impl csi::controller_server::Controller for Driver {
         &self,
         req: Request<csi::ControllerExpandVolumeRequest>,
     ) -> Result<Response<csi::ControllerExpandVolumeResponse>, Status> {
+        if !self.engine.controller_expansion {
+            return unimplemented(self, "ControllerExpandVolume");
+        }
         let req = req.into_inner();
         let subject = req.volume_id.clone();
         self.call(

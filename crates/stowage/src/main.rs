@@ -71,6 +71,18 @@ struct ServeArgs {
         default_value = "/var/lib/kubelet"
     )]
     kubelet_dirs: Vec<PathBuf>,
+    /// Offer ControllerExpandVolume. Turn it off where each node runs its own controller
+    /// service (distributed provisioning): the external-resizer then leaves the whole resize
+    /// to NodeExpandVolume on the volume's node, instead of calling a controller that may
+    /// sit on another node and answer NOT_FOUND.
+    #[arg(
+        long,
+        env = "STOWAGE_CONTROLLER_EXPANSION",
+        default_value_t = true,
+        action = clap::ArgAction::Set,
+        value_name = "BOOL"
+    )]
+    controller_expansion: bool,
     /// Log format.
     #[arg(long, env = "STOWAGE_LOG_FORMAT", value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -126,6 +138,7 @@ async fn serve(args: ServeArgs) -> ExitCode {
             ModeArg::All => Mode::All,
         },
         kubelet_dirs: args.kubelet_dirs,
+        controller_expansion: args.controller_expansion,
     };
     match stowage_driver::serve(opts, stowage_driver::termination()).await {
         Ok(()) => ExitCode::SUCCESS,

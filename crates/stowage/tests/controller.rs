@@ -599,6 +599,69 @@ async fn validate_list_get_and_capacity() {
     .await
 }
 
+/// `--controller-expansion false`: ControllerGetCapabilities leaves EXPAND_VOLUME out, the RPC
+/// is UNIMPLEMENTED, and the node service still offers its own EXPAND_VOLUME (the step that
+/// then does the whole resize on the volume's node).
+#[tokio::test]
+async fn controller_expansion_can_be_left_to_the_node() {
+    bounded(async {
+        let controller_rpcs = |caps: csi::ControllerGetCapabilitiesResponse| -> Vec<i32> {
+            caps.capabilities
+                .iter()
+                .filter_map(|c| match &c.r#type {
+                    Some(csi::controller_service_capability::Type::Rpc(r)) => Some(r.r#type),
+                    _ => None,
+                })
+                .collect()
+        };
+        use csi::controller_service_capability::rpc::Type;
+        let expand = Type::ExpandVolume as i32;
+        let on = Harness::start(&[]).await;
+        let caps = on
+            .controller()
+            .await
+            .controller_get_capabilities(csi::ControllerGetCapabilitiesRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(controller_rpcs(caps).contains(&expand));
+
+        let off = Harness::start(&["--controller-expansion", "false"]).await;
+        let mut c = off.controller().await;
+        let caps = c
+            .controller_get_capabilities(csi::ControllerGetCapabilitiesRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        let got = controller_rpcs(caps);
+        assert!(!got.contains(&expand), "EXPAND_VOLUME still offered: {got:?}");
+        assert!(got.contains(&(Type::CreateDeleteVolume as i32)));
+        let id = create_volume(&mut c, "grown-on-node", 1 << 20).await.volume_id;
+        let req = csi::ControllerExpandVolumeRequest {
+            volume_id: id,
+            capacity_range: Some(csi::CapacityRange {
+                required_bytes: 2 << 20,
+                limit_bytes: 0,
+            }),
+            ..Default::default()
+        };
+        assert_eq!(code(c.controller_expand_volume(req).await), Code::Unimplemented);
+        let node_caps = off
+            .node()
+            .await
+            .node_get_capabilities(csi::NodeGetCapabilitiesRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        use csi::node_service_capability::rpc::Type as NodeType;
+        assert!(node_caps.capabilities.iter().any(|c| matches!(
+            &c.r#type,
+            Some(csi::node_service_capability::Type::Rpc(r)) if r.r#type == NodeType::ExpandVolume as i32
+        )));
+    })
+    .await
+}
+
 #[tokio::test]
 async fn parallel_creates_on_different_volumes_all_succeed() {
     bounded(async {
