@@ -702,6 +702,36 @@ async fn image_stage_and_expand_survive_a_crash_at_every_step() {
     .await;
 }
 
+/// The store and the pool agree: the volumes listed are the images present, each listed
+/// with its image's size.
+async fn store_and_pool_agree(p: &mut ImagePool, when: &str) {
+    let mut c = p.h().controller().await;
+    let mut listed: Vec<(String, u64)> = c
+        .list_volumes(csi::ListVolumesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .entries
+        .into_iter()
+        .map(|e| {
+            let v = e.volume.unwrap();
+            (v.volume_id, v.capacity_bytes as u64)
+        })
+        .collect();
+    listed.sort();
+    let mut images: Vec<(String, u64)> = std::fs::read_dir(p.images())
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            let name = e.file_name().into_string().unwrap();
+            let id = name.strip_suffix(".img").unwrap_or(&name).to_owned();
+            (id, e.metadata().unwrap().len())
+        })
+        .collect();
+    images.sort();
+    assert_eq!(listed, images, "{when}: store and pool disagree");
+}
+
 /// The crash points the test above leaves out: the stage intent (recorded, nothing on disk
 /// yet), the node expansion's intent (capacity recorded, image not grown: NodeExpandVolume
 /// without the controller step, as in the per-node deployment), and both steps of staging a
@@ -788,6 +818,7 @@ async fn image_stage_intent_node_expand_intent_and_block_stage_survive_a_crash()
             "the filesystem did not grow: {before} -> {after}"
         );
         assert_eq!(p.loops().len(), 1, "one device");
+        store_and_pool_agree(&mut p, "after the node expansion").await;
         teardown(&mut p, &v).await;
         assert_eq!(p.loops(), Vec::<String>::new(), "devices left");
 
@@ -810,6 +841,7 @@ async fn image_stage_intent_node_expand_intent_and_block_stage_survive_a_crash()
             .await
             .unwrap();
             assert_eq!(p.loops(), Vec::<String>::new(), "{point}: devices left");
+            store_and_pool_agree(&mut p, point).await;
         }
         let mut n = p.h().node().await;
         stage(&mut n, &b).await;
