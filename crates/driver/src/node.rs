@@ -897,7 +897,17 @@ impl Engine {
                     Some(vol) => self.mark_of(vol)?,
                     None => None,
                 };
-                let mounted = matches!(self.leaf(field, &at)?, Leaf::MountRoot { id, .. } if mark.is_some_and(|m| m.matches(id)));
+                let mounted = match self.leaf(field, &at)? {
+                    Leaf::MountRoot { id, .. } => mark.is_some_and(|m| m.matches(id)),
+                    // A staged block volume holds no mount: its attached device (the mark
+                    // exists only while it is) is the stage, and a publication may use it.
+                    Leaf::Plain { is_dir: true, .. } => {
+                        record.kind == PublicationKind::Stage
+                            && vol.as_ref().is_some_and(|v| v.block)
+                            && mark.is_some()
+                    }
+                    _ => false,
+                };
                 match (record.state, mounted) {
                     (PublicationState::Mounted, true) => Ok("kept"),
                     (PublicationState::Mounting, true) => {

@@ -702,6 +702,166 @@ async fn image_stage_and_expand_survive_a_crash_at_every_step() {
     .await;
 }
 
+/// The store and the pool agree: the volumes listed are the images present, each listed
+/// with its image's size.
+async fn store_and_pool_agree(p: &mut ImagePool, when: &str) {
+    let mut c = p.h().controller().await;
+    let mut listed: Vec<(String, u64)> = c
+        .list_volumes(csi::ListVolumesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .entries
+        .into_iter()
+        .map(|e| {
+            let v = e.volume.unwrap();
+            (v.volume_id, v.capacity_bytes as u64)
+        })
+        .collect();
+    listed.sort();
+    let mut images: Vec<(String, u64)> = std::fs::read_dir(p.images())
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            let name = e.file_name().into_string().unwrap();
+            let id = name.strip_suffix(".img").unwrap_or(&name).to_owned();
+            (id, e.metadata().unwrap().len())
+        })
+        .collect();
+    images.sort();
+    assert_eq!(listed, images, "{when}: store and pool disagree");
+}
+
+/// The crash points the test above leaves out: the stage intent (recorded, nothing on disk
+/// yet), the node expansion's intent (capacity recorded, image not grown: NodeExpandVolume
+/// without the controller step, as in the per-node deployment), and both steps of staging a
+/// raw block volume (whose device is not freed by autoclear). A clean restart keeps a staged
+/// and published block volume attached.
+#[tokio::test(flavor = "multi_thread")]
+async fn image_stage_intent_node_expand_intent_and_block_stage_survive_a_crash() {
+    bounded(async {
+        let test = "image_stage_intent_node_expand_intent_and_block_stage_survive_a_crash";
+        let Some(mut p) = ImagePool::start(test).await else {
+            return;
+        };
+        // xfs: it grows online without CAP_SYS_RESOURCE, which ext4 needs.
+        if !have_tool("xfs", test) {
+            return;
+        }
+        let v = create(&mut p, "intent", 300 * MIB, fs_cap("xfs")).await;
+        let ch = p.h().channel().await;
+        let req = stage_req(&v);
+        crash_at(&mut p, "mount-after-intent", async move {
+            let mut n = csi::node_client::NodeClient::new(ch);
+            assert_ne!(code(n.node_stage_volume(req).await), tonic::Code::Ok);
+        })
+        .await;
+        assert_eq!(
+            p.loops(),
+            Vec::<String>::new(),
+            "attached before the intent"
+        );
+        let mut n = p.h().node().await;
+        stage(&mut n, &v).await;
+        assert_eq!(p.loops().len(), 1, "one device");
+        assert_eq!(mount_count(&v.staging), 1, "one mount");
+        publish(&mut n, &v).await;
+        let before = bytes_usage(&stats(&mut p, &v, &v.target).await).total;
+
+        let size = 332 * MIB;
+        let node_req = csi::NodeExpandVolumeRequest {
+            volume_id: v.id.clone(),
+            volume_path: v.target.display().to_string(),
+            capacity_range: Some(csi::CapacityRange {
+                required_bytes: size,
+                limit_bytes: 0,
+            }),
+            ..Default::default()
+        };
+        let ch = p.h().channel().await;
+        let nr = node_req.clone();
+        crash_at(&mut p, "node-expand-after-intent", async move {
+            let mut n = csi::node_client::NodeClient::new(ch);
+            assert_ne!(code(n.node_expand_volume(nr).await), tonic::Code::Ok);
+        })
+        .await;
+        assert_eq!(
+            std::fs::metadata(p.image_of(&v.id)).unwrap().len(),
+            300 * MIB as u64,
+            "the image grew before the crash point"
+        );
+        let mut n = p.h().node().await;
+        let r = n.node_expand_volume(node_req).await.unwrap().into_inner();
+        assert_eq!(r.capacity_bytes, size);
+        assert_eq!(
+            std::fs::metadata(p.image_of(&v.id)).unwrap().len(),
+            size as u64
+        );
+        // The controller step, arriving late, agrees.
+        let mut c = p.h().controller().await;
+        let r = c
+            .controller_expand_volume(csi::ControllerExpandVolumeRequest {
+                volume_id: v.id.clone(),
+                capacity_range: Some(csi::CapacityRange {
+                    required_bytes: size,
+                    limit_bytes: 0,
+                }),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.capacity_bytes, size);
+        let after = bytes_usage(&stats(&mut p, &v, &v.target).await).total;
+        assert!(
+            after > before,
+            "the filesystem did not grow: {before} -> {after}"
+        );
+        assert_eq!(p.loops().len(), 1, "one device");
+        store_and_pool_agree(&mut p, "after the node expansion").await;
+        teardown(&mut p, &v).await;
+        assert_eq!(p.loops(), Vec::<String>::new(), "devices left");
+
+        let b = create(&mut p, "rawcrash", 8 * MIB, block_cap()).await;
+        for point in ["mount-after-intent", "mount-after-mount"] {
+            let ch = p.h().channel().await;
+            let req = stage_req(&b);
+            crash_at(&mut p, point, async move {
+                let mut n = csi::node_client::NodeClient::new(ch);
+                assert_ne!(code(n.node_stage_volume(req).await), tonic::Code::Ok);
+            })
+            .await;
+            let mut n = p.h().node().await;
+            stage(&mut n, &b).await;
+            assert_eq!(p.loops().len(), 1, "{point}: one device");
+            n.node_unstage_volume(csi::NodeUnstageVolumeRequest {
+                volume_id: b.id.clone(),
+                staging_target_path: b.staging.display().to_string(),
+            })
+            .await
+            .unwrap();
+            assert_eq!(p.loops(), Vec::<String>::new(), "{point}: devices left");
+            store_and_pool_agree(&mut p, point).await;
+        }
+        let mut n = p.h().node().await;
+        stage(&mut n, &b).await;
+        publish(&mut n, &b).await;
+        p.h().stop();
+        p.h().spawn().await;
+        assert_eq!(
+            p.loops().len(),
+            1,
+            "a restart detached a staged and published block volume"
+        );
+        let mut n = p.h().node().await;
+        stage(&mut n, &b).await;
+        assert_eq!(p.loops().len(), 1, "attached twice");
+        teardown(&mut p, &b).await;
+        assert_eq!(p.loops(), Vec::<String>::new(), "devices left");
+    })
+    .await;
+}
+
 /// A `dir` volume grows in the controller step alone.
 #[tokio::test(flavor = "multi_thread")]
 async fn dir_expansion_needs_no_node_step() {

@@ -606,3 +606,292 @@ impl ImageBackend {
         &self.images_path
     }
 }
+
+/// The decisions of stage and expand that real devices make hard to reach, on a
+/// [`stowage_sys::FakeKernel`]: the images are real sparse files in a temporary directory,
+/// the devices and mounts a table (a fake device reads and writes its image).
+#[cfg(test)]
+mod tests {
+    use std::io::{Seek, SeekFrom, Write};
+
+    use super::*;
+    use crate::store::VolumeState;
+    use stowage_core::config::PoolKind;
+    use stowage_core::request::MountOptions;
+    use stowage_core::VolumeId;
+    use stowage_sys::{FakeKernel, KernelCall, MountAttrs};
+
+    const MIB: u64 = 1 << 20;
+
+    fn backend(kernel: &Arc<FakeKernel>, dir: &Path) -> ImageBackend {
+        let cfg = PoolConfig {
+            name: "img".into(),
+            kind: PoolKind::Image,
+            path: dir.join("pool"),
+            default_size: None,
+            overcommit_ratio: None,
+        };
+        ImageBackend::open(&cfg, Arc::clone(kernel) as Arc<dyn Kernel>).unwrap()
+    }
+
+    fn record(capacity: u64) -> VolumeRecord {
+        VolumeRecord {
+            seq: 1,
+            id: VolumeId::generate(),
+            name: "v1".into(),
+            pool: "img".into(),
+            capacity,
+            state: VolumeState::Ready,
+            block: false,
+            pvc_name: None,
+            pvc_namespace: None,
+            pv_name: None,
+            created_at: 0,
+            fs_type: None,
+            block_size: None,
+            full_allocation: false,
+        }
+    }
+
+    fn mount(fs_type: &str) -> Access {
+        Access::Mount(MountOptions {
+            fs_type: fs_type.into(),
+            flags: Vec::new(),
+        })
+    }
+
+    /// Stages `vol` with `access` onto a fresh directory under `dir`.
+    fn stage(pool: &ImageBackend, vol: &VolumeRecord, access: &Access, dir: &Path) -> Result<()> {
+        let target = dir.join(format!("staging-{}", uuid_like()));
+        std::fs::create_dir(&target).unwrap();
+        let fd = sysfs::open_trusted_dir(&target).unwrap();
+        let how = StageRequest {
+            access,
+            attrs: MountAttrs::default(),
+        };
+        pool.stage(vol, fd.as_fd(), &how)
+    }
+
+    /// A name no other staging directory of the test has.
+    fn uuid_like() -> String {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        N.fetch_add(1, Ordering::Relaxed).to_string()
+    }
+
+    /// Writes `bytes` at `offset` of the volume's image, as a previous user of the device
+    /// would have.
+    fn scribble(pool: &ImageBackend, vol: &VolumeRecord, offset: u64, bytes: &[u8]) {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(pool.images_path().join(image_name(vol)))
+            .unwrap();
+        f.seek(SeekFrom::Start(offset)).unwrap();
+        f.write_all(bytes).unwrap();
+    }
+
+    fn image_len(pool: &ImageBackend, vol: &VolumeRecord) -> u64 {
+        std::fs::metadata(pool.images_path().join(image_name(vol)))
+            .unwrap()
+            .len()
+    }
+
+    fn made_fs(kernel: &FakeKernel) -> usize {
+        kernel
+            .calls()
+            .iter()
+            .filter(|c| matches!(c, KernelCall::MakeFs { .. }))
+            .count()
+    }
+
+    fn failed_precondition(r: Result<()>) -> String {
+        match r {
+            Err(Error::FailedPrecondition(m)) => m,
+            other => panic!("expected FAILED_PRECONDITION, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_device_holding_unknown_data_is_never_formatted() {
+        let dir = tempfile::tempdir().unwrap();
+        let kernel = Arc::new(FakeKernel::new());
+        let pool = backend(&kernel, dir.path());
+        // Not a superblock stowage knows: near the start, and (separately) only at the end.
+        for offset in [4096, 16 * MIB - 512] {
+            let vol = record(16 * MIB);
+            pool.create(&vol).unwrap();
+            scribble(&pool, &vol, offset, b"someone's data");
+            kernel.clear();
+            let m = failed_precondition(stage(&pool, &vol, &mount("ext4"), dir.path()));
+            assert!(m.contains("never formatted"), "{m}");
+            assert_eq!(made_fs(&kernel), 0, "formatted at offset {offset}");
+            assert!(kernel.mounted().is_empty());
+        }
+    }
+
+    #[test]
+    fn a_filesystem_other_than_the_requested_one_is_refused_naming_both() {
+        let dir = tempfile::tempdir().unwrap();
+        let kernel = Arc::new(FakeKernel::new());
+        let pool = backend(&kernel, dir.path());
+
+        // Found on the device (nothing recorded: a volume staged by an older driver).
+        let vol = record(16 * MIB);
+        pool.create(&vol).unwrap();
+        scribble(&pool, &vol, 0, b"XFSB");
+        kernel.clear();
+        let m = failed_precondition(stage(&pool, &vol, &mount("ext4"), dir.path()));
+        assert!(m.contains("xfs") && m.contains("ext4"), "{m}");
+        assert_eq!(made_fs(&kernel), 0);
+        assert!(kernel.mounted().is_empty());
+
+        // Recorded at the first stage: refused before any device is touched.
+        let staged = VolumeRecord {
+            id: VolumeId::generate(),
+            fs_type: Some("xfs".into()),
+            ..record(16 * MIB)
+        };
+        pool.create(&staged).unwrap();
+        kernel.clear();
+        let m = failed_precondition(stage(&pool, &staged, &mount("ext4"), dir.path()));
+        assert!(m.contains("xfs") && m.contains("ext4"), "{m}");
+        assert!(kernel
+            .calls()
+            .iter()
+            .all(|c| !matches!(c, KernelCall::AttachLoop { .. } | KernelCall::MakeFs { .. })));
+        // Any other filesystem is named as well.
+        let m = failed_precondition(stage(&pool, &staged, &mount("btrfs"), dir.path()));
+        assert!(m.contains("xfs") && m.contains("btrfs"), "{m}");
+    }
+
+    #[test]
+    fn restage_after_a_reboot_reattaches_and_keeps_the_filesystem() {
+        let dir = tempfile::tempdir().unwrap();
+        let kernel = Arc::new(FakeKernel::new());
+        let pool = backend(&kernel, dir.path());
+        let mut vol = record(16 * MIB);
+        pool.create(&vol).unwrap();
+        if let Some(layout) = pool.prepare_stage(&vol, &mount("")).unwrap() {
+            vol.fs_type = layout.fs_type;
+            vol.block_size = layout.block_size;
+        }
+        assert_eq!(vol.fs_type.as_deref(), Some("ext4"));
+        stage(&pool, &vol, &mount(""), dir.path()).unwrap();
+        assert_eq!(made_fs(&kernel), 1);
+        let first = kernel.loops();
+        assert_eq!(first.len(), 1);
+        assert!(first[0].options.autoclear && first[0].options.direct_io);
+
+        // The reboot: the same images, no loop device, no mount.
+        let rebooted = Arc::new(FakeKernel::new());
+        let pool = backend(&rebooted, dir.path());
+        assert!(matches!(pool.mark(&vol), Err(Error::NotFound(_))));
+        stage(&pool, &vol, &mount("ext4"), dir.path()).unwrap();
+        let calls = rebooted.calls();
+        assert!(calls
+            .iter()
+            .any(|c| matches!(c, KernelCall::AttachLoop { options, .. } if options.block_size == vol.block_size.unwrap())));
+        assert_eq!(made_fs(&rebooted), 0, "formatted again after the reboot");
+        assert!(calls.iter().any(|c| matches!(
+            c,
+            KernelCall::MountDevice {
+                kind: FsKind::Ext4,
+                ..
+            }
+        )));
+        assert_eq!(rebooted.loops().len(), 1);
+        assert_eq!(rebooted.mounted().len(), 1);
+        assert!(matches!(pool.mark(&vol), Ok(Mark::FilesystemOn { .. })));
+    }
+
+    #[test]
+    fn an_attach_or_mount_failure_leaves_nothing_mounted() {
+        let dir = tempfile::tempdir().unwrap();
+        let kernel = Arc::new(FakeKernel::new());
+        let pool = backend(&kernel, dir.path());
+        let vol = record(16 * MIB);
+        pool.create(&vol).unwrap();
+
+        kernel.fail_next("attach_loop", Errno::NOSPC, 1);
+        match stage(&pool, &vol, &mount("ext4"), dir.path()) {
+            Err(Error::Internal(m)) => assert!(m.contains("attaching"), "{m}"),
+            other => panic!("expected INTERNAL, got {other:?}"),
+        }
+        assert!(kernel.loops().is_empty());
+        assert!(kernel.mounted().is_empty());
+        assert_eq!(made_fs(&kernel), 0);
+
+        kernel.fail_next("mount_device", Errno::IO, 1);
+        assert!(matches!(
+            stage(&pool, &vol, &mount("ext4"), dir.path()),
+            Err(Error::Internal(_))
+        ));
+        assert!(kernel.mounted().is_empty());
+        // The retry finds the filesystem the failed call made and only mounts it.
+        stage(&pool, &vol, &mount("ext4"), dir.path()).unwrap();
+        assert_eq!(made_fs(&kernel), 1);
+        assert_eq!(kernel.loops().len(), 1, "attached twice");
+        assert_eq!(kernel.mounted().len(), 1);
+    }
+
+    #[test]
+    fn expand_never_shrinks_and_is_idempotent() {
+        let dir = tempfile::tempdir().unwrap();
+        let kernel = Arc::new(FakeKernel::new());
+        let pool = backend(&kernel, dir.path());
+        let mut vol = record(32 * MIB);
+        vol.fs_type = Some("ext4".into());
+        pool.create(&vol).unwrap();
+        stage(&pool, &vol, &mount("ext4"), dir.path()).unwrap();
+        let number = kernel.loops()[0].number;
+
+        for (asked, size) in [(48, 48), (48, 48), (40, 48), (16, 48), (64, 64)] {
+            pool.expand(&vol, asked * MIB).unwrap();
+            assert_eq!(
+                image_len(&pool, &vol),
+                size * MIB,
+                "after asking {asked} MiB"
+            );
+        }
+        // The node step follows the image, whatever the record says, and repeats cleanly.
+        for recorded in [64, 64, 32] {
+            vol.capacity = recorded * MIB;
+            kernel.clear();
+            let got = pool.node_expand(&vol, dir.path()).unwrap();
+            assert_eq!(got, 64 * MIB, "record {recorded} MiB");
+            assert_eq!(image_len(&pool, &vol), 64 * MIB);
+            assert_eq!(kernel.loops()[0].size, 64 * MIB);
+            assert!(kernel.calls().contains(&KernelCall::GrowFs {
+                number,
+                kind: FsKind::Ext4,
+                mount_point: dir.path().to_path_buf(),
+            }));
+        }
+        // A record above the image (controller step lost) grows it in the node step.
+        vol.capacity = 80 * MIB;
+        assert_eq!(pool.node_expand(&vol, dir.path()).unwrap(), 80 * MIB);
+        assert_eq!(image_len(&pool, &vol), 80 * MIB);
+    }
+
+    #[test]
+    fn a_block_volume_is_attached_without_autoclear_and_detached_at_unstage() {
+        let dir = tempfile::tempdir().unwrap();
+        let kernel = Arc::new(FakeKernel::new());
+        let pool = backend(&kernel, dir.path());
+        let vol = VolumeRecord {
+            block: true,
+            ..record(8 * MIB)
+        };
+        pool.create(&vol).unwrap();
+        stage(&pool, &vol, &Access::Block, dir.path()).unwrap();
+        stage(&pool, &vol, &Access::Block, dir.path()).unwrap();
+        let loops = kernel.loops();
+        assert_eq!(loops.len(), 1, "attached twice");
+        assert!(!loops[0].options.autoclear);
+        assert!(kernel.mounted().is_empty());
+        assert_eq!(made_fs(&kernel), 0);
+        pool.unstage(&vol).unwrap();
+        assert!(kernel.loops().is_empty());
+        pool.unstage(&vol).unwrap();
+    }
+}
