@@ -1,6 +1,7 @@
 //! `stowage bench floor`: the cost of the syscalls underneath a driver's stage/publish path,
 //! measured in-process, so a driver's latency can be read against what the kernel alone
-//! needs: a `mkdir`+`rmdir` loop and (as root) a bind `mount`+`umount` loop.
+//! needs: a `mkdir`+`rmdir` loop, the same made durable the way a driver that records its
+//! intents must (four flushes per pair), and (as root) a bind `mount`+`umount` loop.
 //!
 //! Everything happens in a fresh `stowage-floor-<random>` directory. A guard unmounts
 //! (`MNT_DETACH`, which cannot fail on a busy mount) and removes it on every exit path,
@@ -106,6 +107,50 @@ fn timed<T>(
     }
 }
 
+/// The durable floor of a create+delete pair: four flushes, as the driver makes them.
+fn durable_loop(work: &mut Workdir, count: usize) -> Result<LoopReport, String> {
+    use std::os::unix::fs::FileExt;
+    let journal_path = work.root.join("journal");
+    let journal = std::fs::File::create(&journal_path)
+        .map_err(|e| format!("cannot create {}: {e}", journal_path.display()))?;
+    // Removed with the work directory's other files by the guard below.
+    let _journal = RemoveOnDrop(journal_path.clone());
+    let dir = std::fs::File::open(&work.root)
+        .map_err(|e| format!("cannot open {}: {e}", work.root.display()))?;
+    let record = [0x5au8; 4096];
+    let io = |what: &str, r: std::io::Result<()>| r.map_err(|e| format!("{what}: {e}"));
+    let started = Instant::now();
+    for i in 0..count {
+        let entry = work.root.join(format!("v-{i}"));
+        io("intent write", journal.write_all_at(&record, 0))?;
+        io("fdatasync", journal.sync_data())?;
+        io("mkdir", std::fs::create_dir(&entry))?;
+        work.dirs.push(entry.clone());
+        io("fsync of the directory", dir.sync_all())?;
+        io("intent write", journal.write_all_at(&record, 4096))?;
+        io("fdatasync", journal.sync_data())?;
+        io("rmdir", std::fs::remove_dir(&entry))?;
+        work.dirs.pop();
+        io("fsync of the directory", dir.sync_all())?;
+    }
+    let elapsed = started.elapsed();
+    Ok(LoopReport {
+        name: "durable mkdir+rmdir (4 fsyncs)",
+        operations: count,
+        elapsed_seconds: elapsed.as_secs_f64(),
+        ops_per_second: rate(count, elapsed),
+    })
+}
+
+/// Removes a file when dropped (the floor's scratch journal).
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 fn measure(parent: &Path, count: usize, root: bool) -> Result<Measured, String> {
     let mut work = Workdir::create(parent)?;
     let mut loops = Vec::new();
@@ -135,6 +180,11 @@ fn measure(parent: &Path, count: usize, root: bool) -> Result<Measured, String> 
         elapsed_seconds: elapsed.as_secs_f64(),
         ops_per_second: rate(count, elapsed),
     });
+
+    // What a durable create+delete needs at the least in stowage's design, with no driver
+    // around it: the create intent (a 4 KiB write + fdatasync, as a WAL commit), mkdir and an
+    // fsync of the directory, the delete intent, rmdir and another directory fsync.
+    loops.push(durable_loop(&mut work, count)?);
 
     if root {
         let source = work.subdir("source")?;

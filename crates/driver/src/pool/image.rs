@@ -630,6 +630,8 @@ mod tests {
             path: dir.join("pool"),
             default_size: None,
             overcommit_ratio: None,
+            quotas: None,
+            overcommit: None,
         };
         ImageBackend::open(&cfg, Arc::clone(kernel) as Arc<dyn Kernel>).unwrap()
     }
