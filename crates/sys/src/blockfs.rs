@@ -381,7 +381,7 @@ pub(crate) fn mount_device(
     }
     rustix::mount::fsconfig_create(fs_fd.as_fd())
         .map_err(|e| config_error(format!("create from {source}"), e))?;
-    let attr_flags = crate::linux::fsmount_attrs(attrs);
+    let attr_flags = attrs.flags().0;
     // Detached until moved: dropping `mnt` on an error below unmounts it again.
     let mnt = rustix::mount::fsmount(fs_fd.as_fd(), FsMountFlags::FSMOUNT_CLOEXEC, attr_flags)
         .map_err(|e| {

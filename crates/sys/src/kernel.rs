@@ -6,6 +6,7 @@ use std::path::Path;
 
 use crate::btrfs::{Qgroup, QuotaMode};
 use crate::{FsKind, LoopDevice, LoopOptions, SysResult, ToolError};
+use rustix::mount::MountAttrFlags;
 
 /// Whether a filesystem enforces project quotas.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,6 +40,37 @@ pub struct MountAttrs {
     pub noatime: bool,
     pub nodiratime: bool,
     pub relatime: bool,
+}
+
+impl MountAttrs {
+    /// The MOUNT_ATTR_* flags to set and to clear for these attributes (mount_setattr takes
+    /// both; fsmount takes the set). The atime mode is one value inside the MOUNT_ATTR__ATIME
+    /// field, so choosing one means clearing the whole field; noatime wins over relatime when
+    /// both are asked for (MOUNT_ATTR_RELATIME is 0: clearing the field selects it).
+    /// nodiratime is a separate bit.
+    pub fn flags(self) -> (MountAttrFlags, MountAttrFlags) {
+        let mut set = MountAttrFlags::empty();
+        let mut clr = MountAttrFlags::empty();
+        for (wanted, flag) in [
+            (self.read_only, MountAttrFlags::MOUNT_ATTR_RDONLY),
+            (self.nosuid, MountAttrFlags::MOUNT_ATTR_NOSUID),
+            (self.nodev, MountAttrFlags::MOUNT_ATTR_NODEV),
+            (self.noexec, MountAttrFlags::MOUNT_ATTR_NOEXEC),
+            (self.nodiratime, MountAttrFlags::MOUNT_ATTR_NODIRATIME),
+        ] {
+            if wanted {
+                set |= flag;
+            }
+        }
+        if self.noatime {
+            set |= MountAttrFlags::MOUNT_ATTR_NOATIME;
+            clr |= MountAttrFlags::MOUNT_ATTR__ATIME;
+        } else if self.relatime {
+            set |= MountAttrFlags::MOUNT_ATTR_RELATIME;
+            clr |= MountAttrFlags::MOUNT_ATTR__ATIME;
+        }
+        (set, clr)
+    }
 }
 
 /// Everything stowage asks of the kernel that needs privilege.

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use rustix::fs::{Mode, OFlags};
 use rustix::io::Errno;
-use rustix::mount::{MountAttrFlags, MoveMountFlags, OpenTreeFlags, UnmountFlags};
+use rustix::mount::{MoveMountFlags, OpenTreeFlags, UnmountFlags};
 
 use crate::fs::{fd_desc, file_info};
 use crate::{
@@ -203,38 +203,12 @@ fn mount_setattr(tree: BorrowedFd<'_>, attr: &raw::MountAttr) -> Result<(), Errn
 /// MOUNT_ATTR__ATIME field, so choosing one means clearing the whole field; noatime wins over
 /// relatime when both are asked for. nodiratime is a separate bit.
 fn attr_masks(attrs: MountAttrs) -> raw::MountAttr {
-    let mut set = MountAttrFlags::empty();
-    let mut clr = MountAttrFlags::empty();
-    for (wanted, flag) in [
-        (attrs.read_only, MountAttrFlags::MOUNT_ATTR_RDONLY),
-        (attrs.nosuid, MountAttrFlags::MOUNT_ATTR_NOSUID),
-        (attrs.nodev, MountAttrFlags::MOUNT_ATTR_NODEV),
-        (attrs.noexec, MountAttrFlags::MOUNT_ATTR_NOEXEC),
-        (attrs.nodiratime, MountAttrFlags::MOUNT_ATTR_NODIRATIME),
-    ] {
-        if wanted {
-            set |= flag;
-        }
-    }
-    if attrs.noatime {
-        set |= MountAttrFlags::MOUNT_ATTR_NOATIME;
-        clr |= MountAttrFlags::MOUNT_ATTR__ATIME;
-    } else if attrs.relatime {
-        // MOUNT_ATTR_RELATIME is 0: clearing the field is what selects it.
-        set |= MountAttrFlags::MOUNT_ATTR_RELATIME;
-        clr |= MountAttrFlags::MOUNT_ATTR__ATIME;
-    }
+    let (set, clr) = attrs.flags();
     raw::MountAttr {
         attr_set: u64::from(set.bits()),
         attr_clr: u64::from(clr.bits()),
         ..raw::MountAttr::default()
     }
-}
-
-/// The MOUNT_ATTR_* flags of `attrs` for fsmount(2), whose atime mode is a value inside the
-/// MOUNT_ATTR__ATIME field (relatime being 0), as for mount_setattr.
-pub(crate) fn fsmount_attrs(attrs: MountAttrs) -> MountAttrFlags {
-    MountAttrFlags::from_bits_retain(u32::try_from(attr_masks(attrs).attr_set).unwrap_or(0))
 }
 
 /// ioctls need a real open file, not an O_PATH fd: re-open the same inode if needed.
