@@ -1,7 +1,8 @@
 //! The `btrfs` pool over the real socket, on a btrfs made with mkfs.btrfs in an image file
 //! and loop-mounted: the limit enforced (EDQUOT), stats, deletion of a volume holding nested
 //! subvolumes, symlinks to host paths and a bind mount (the host untouched), restart with
-//! volumes published, and a crash at each backend step of create and delete. Root only;
+//! volumes published, online expansion under an open file, and a crash at each backend step
+//! of create and delete. Root only;
 //! SKIPPED (saying why) without mkfs.btrfs or a loop mount.
 
 #[macro_use]
@@ -393,6 +394,82 @@ async fn restart_with_published_volumes_and_crashes_at_each_backend_step() {
             .unwrap()
             .into_inner();
         assert!(listed.entries.is_empty(), "{listed:?}");
+    })
+    .await;
+}
+
+/// Online expansion: a pod's writer fills its volume to the limit (EDQUOT), the controller
+/// raises the limit (no node step), and the same open file takes more data; a smaller request
+/// afterwards changes nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn expansion_while_a_file_is_open() {
+    let test = "expansion_while_a_file_is_open";
+    let Some(fs) = btrfs_or_skip(test) else {
+        return;
+    };
+    bounded(async {
+        let h = start(&fs).await;
+        let mut c = h.controller().await;
+        let id = create_volume(&mut c, "growing", 8 << 20).await.volume_id;
+        let p = paths(&h, "pod-grow");
+        stage_and_publish(&h, &id, &p).await;
+
+        let mut file = std::fs::File::create(p.target.join("log")).unwrap();
+        let chunk = vec![0x42u8; 1 << 20];
+        let mut written = 0usize;
+        let full = loop {
+            match file.write_all(&chunk).and_then(|()| file.sync_all()) {
+                Ok(()) => written += 1,
+                Err(e) => break e,
+            }
+            assert!(written < 16, "16 MiB went into an 8 MiB volume");
+        };
+        assert_eq!(full.raw_os_error(), Some(EDQUOT), "{full}");
+
+        let expand = |bytes: i64| csi::ControllerExpandVolumeRequest {
+            volume_id: id.clone(),
+            capacity_range: Some(csi::CapacityRange {
+                required_bytes: bytes,
+                limit_bytes: 0,
+            }),
+            ..Default::default()
+        };
+        let grown = c
+            .controller_expand_volume(expand(32 << 20))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(grown.capacity_bytes, 32 << 20);
+        assert!(
+            !grown.node_expansion_required,
+            "a qgroup limit needs no node step"
+        );
+        // The same open file takes what did not fit before.
+        for _ in 0..8 {
+            file.write_all(&chunk)
+                .and_then(|()| file.sync_all())
+                .unwrap();
+        }
+        sync_fs(&fs.mnt);
+        let s = stats(&h, &id, &p.target).await;
+        let bytes = s
+            .usage
+            .iter()
+            .find(|u| u.unit == csi::volume_usage::Unit::Bytes as i32)
+            .expect("bytes usage");
+        assert_eq!(bytes.total, 32 << 20);
+        assert!(bytes.used >= (written as i64 + 8) << 20, "{bytes:?}");
+
+        // Never shrinks: a smaller request answers the current size.
+        let again = c
+            .controller_expand_volume(expand(16 << 20))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(again.capacity_bytes, 32 << 20);
+        drop(file);
+        unpublish_and_unstage(&h, &id, &p).await;
+        delete(&h, &id).await.unwrap();
     })
     .await;
 }
