@@ -396,14 +396,7 @@ impl Engine {
                     }
                     size = minimum;
                 }
-                let space = pool.backend().capacity()?;
-                if size > space.total {
-                    return Err(Error::OutOfRange(format!(
-                        "{size} bytes requested, but pool {:?} has {} bytes in all",
-                        pool.name(),
-                        space.total
-                    )));
-                }
+                pool.check_fits(size)?;
                 let id = VolumeId::generate();
                 self.store.insert_volume(&NewVolume {
                     id: &id,
@@ -489,14 +482,7 @@ impl Engine {
         // Never shrinks: a lowered request is answered with the size the volume has.
         let target = want.max(vol.capacity);
         if target > vol.capacity {
-            let space = pool.backend().capacity()?;
-            if target > space.total {
-                return Err(Error::OutOfRange(format!(
-                    "{target} bytes requested, but pool {:?} has {} bytes in all",
-                    pool.name(),
-                    space.total
-                )));
-            }
+            pool.check_fits(target)?;
             self.store.set_volume_capacity(&id, target)?;
         }
         crate::crash::point("expand-after-intent");

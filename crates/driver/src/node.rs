@@ -856,14 +856,7 @@ impl Engine {
             .as_ref()
             .map_or(vol.capacity, |r| r.choose(vol.capacity, SIZE_GRANULE));
         if want > vol.capacity {
-            let space = pool.backend().capacity()?;
-            if want > space.total {
-                return Err(Error::OutOfRange(format!(
-                    "{want} bytes requested, but pool {:?} has {} bytes in all",
-                    pool.name(),
-                    space.total
-                )));
-            }
+            pool.check_fits(want)?;
             self.store.set_volume_capacity(&vol.id, want)?;
             crate::crash::point("node-expand-after-intent");
             pool.backend().expand(&vol, want)?;

@@ -395,6 +395,13 @@ impl PoolBackend for BtrfsBackend {
         })
     }
 
+    /// The filesystem's size: one statvfs, no qgroup read.
+    fn max_volume_size(&self) -> Result<u64> {
+        sysfs::fs_space(self.volumes.as_fd())
+            .map(|s| s.bytes_total)
+            .map_err(sys(format!("pool {:?}: statvfs", self.name)))
+    }
+
     /// Creates the volume's subvolume (an existing one is reused), then limits its qgroup.
     fn create(&self, vol: &VolumeRecord) -> Result<()> {
         let id = vol.id.as_str();

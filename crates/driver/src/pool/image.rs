@@ -250,6 +250,17 @@ impl PoolBackend for ImageBackend {
         })
     }
 
+    /// The host filesystem's size (times the overcommit ratio): one statvfs, no scan of the
+    /// images.
+    fn max_volume_size(&self) -> Result<u64> {
+        let space = sysfs::fs_space(self.images.as_fd())
+            .map_err(sys(format!("pool {:?}: statvfs", self.name)))?;
+        Ok(match self.overcommit {
+            None => space.bytes_total,
+            Some(ratio) => (space.bytes_total as f64 * ratio) as u64,
+        })
+    }
+
     fn min_volume_size(&self, fs_type: &str) -> u64 {
         FsKind::from_name(if fs_type.is_empty() {
             DEFAULT_FS.name()

@@ -142,6 +142,13 @@ pub trait PoolBackend: Send + Sync + Debug {
     /// existing volumes may still claim as taken.
     fn capacity(&self) -> Result<PoolCapacity>;
 
+    /// The most one volume could ever get (the `total` of [`PoolBackend::capacity`]), without
+    /// the per-volume accounting `available` may need: CreateVolume and expansion ask it on
+    /// every call. The default asks `capacity`, for kinds where that is one statvfs.
+    fn max_volume_size(&self) -> Result<u64> {
+        self.capacity().map(|c| c.total)
+    }
+
     // ---- volumes (controller side)
 
     /// Makes the volume's backing storage with its recorded capacity and puts it under its
@@ -310,6 +317,18 @@ impl Pool {
     /// What differs per kind.
     pub fn backend(&self) -> &dyn PoolBackend {
         &*self.backend
+    }
+
+    /// OUT_OF_RANGE when a volume of `bytes` could never fit in this pool.
+    pub fn check_fits(&self, bytes: u64) -> Result<()> {
+        let total = self.backend.max_volume_size()?;
+        if bytes > total {
+            return Err(Error::OutOfRange(format!(
+                "{bytes} bytes requested, but pool {:?} has {total} bytes in all",
+                self.name
+            )));
+        }
+        Ok(())
     }
 }
 
