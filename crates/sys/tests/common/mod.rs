@@ -109,48 +109,36 @@ pub fn mount_tmpfs(path: &Path) -> MountGuard {
 /// A freshly made ext4 filesystem in an image file, loop-mounted at `dir/mnt`. None (after
 /// printing why) when mkfs.ext4 or mount -o loop is not usable here.
 pub fn mount_ext4(dir: &Path, test: &str) -> Option<(PathBuf, MountGuard)> {
-    let image = dir.join("ext4.img");
-    let mnt = dir.join("mnt");
-    std::fs::create_dir(&mnt).expect("mkdir mnt");
-    std::fs::File::create(&image)
-        .and_then(|f| f.set_len(16 << 20))
-        .expect("image file");
-    let mkfs = Command::new("mkfs.ext4")
-        .args(["-q", "-F"])
-        .arg(&image)
-        .status();
-    if !matches!(mkfs, Ok(s) if s.success()) {
-        loud!("SKIPPED (needs mkfs.ext4): {test}");
-        return None;
-    }
-    let guard = MountGuard(mnt.clone());
-    let mount = Command::new("mount")
-        .args(["-o", "loop"])
-        .arg(&image)
-        .arg(&mnt)
-        .status();
-    if !matches!(mount, Ok(s) if s.success()) {
-        loud!("SKIPPED (needs mount -o loop): {test}");
-        return None;
-    }
-    Some((mnt, guard))
+    mount_fresh(dir, test, "ext4", &["-q", "-F"], 16 << 20)
 }
 
 /// A freshly made btrfs in a 256 MiB image file, loop-mounted at `dir/mnt`. None (after
 /// printing why) when mkfs.btrfs or mount -o loop is not usable here.
 pub fn mount_btrfs(dir: &Path, test: &str) -> Option<(PathBuf, MountGuard)> {
-    let image = dir.join("btrfs.img");
+    mount_fresh(dir, test, "btrfs", &["-q", "-f"], 256 << 20)
+}
+
+/// `mkfs.<fs> <mkfs_args>` on a `size`-byte image file in `dir`, loop-mounted at `dir/mnt`
+/// (unmounted when the guard drops).
+fn mount_fresh(
+    dir: &Path,
+    test: &str,
+    fs: &str,
+    mkfs_args: &[&str],
+    size: u64,
+) -> Option<(PathBuf, MountGuard)> {
+    let image = dir.join(format!("{fs}.img"));
     let mnt = dir.join("mnt");
     std::fs::create_dir(&mnt).expect("mkdir mnt");
     std::fs::File::create(&image)
-        .and_then(|f| f.set_len(256 << 20))
+        .and_then(|f| f.set_len(size))
         .expect("image file");
-    let mkfs = Command::new("mkfs.btrfs")
-        .args(["-q", "-f"])
+    let mkfs = Command::new(format!("mkfs.{fs}"))
+        .args(mkfs_args)
         .arg(&image)
         .output();
     if !matches!(&mkfs, Ok(o) if o.status.success()) {
-        loud!("SKIPPED (needs mkfs.btrfs, from btrfs-progs): {test}");
+        loud!("SKIPPED (needs mkfs.{fs}): {test}");
         return None;
     }
     let guard = MountGuard(mnt.clone());
@@ -160,7 +148,7 @@ pub fn mount_btrfs(dir: &Path, test: &str) -> Option<(PathBuf, MountGuard)> {
         .arg(&mnt)
         .status();
     if !matches!(mount, Ok(s) if s.success()) {
-        loud!("SKIPPED (needs mount -o loop and btrfs in the kernel): {test}");
+        loud!("SKIPPED (needs mount -o loop and {fs} in the kernel): {test}");
         return None;
     }
     Some((mnt, guard))
