@@ -29,7 +29,7 @@ pub use blockfs::{DeviceContent, FsKind};
 pub use btrfs::{Qgroup, QuotaMode as BtrfsQuotaMode};
 pub use error::{SysError, SysResult, ToolError, ToolFailure};
 pub use fake::{FakeKernel, FakeLoop, KernelCall};
-pub use kernel::{Kernel, MountAttrs, QuotaSupport, QuotaUsage};
+pub use kernel::{Frozen, Kernel, MountAttrs, QuotaSupport, QuotaUsage};
 pub use linux::LinuxKernel;
 pub use loopdev::{LoopDevice, LoopOptions};
 pub use rustix::io::Errno;
