@@ -108,13 +108,20 @@ pub enum KernelCall {
     },
     BtrfsQgroups,
     BtrfsCommit,
+    /// `fs` is the inode of the fd passed; the fake freezes by its device.
+    FreezeFs {
+        fs: InodeId,
+    },
+    ThawFs {
+        fs: InodeId,
+    },
 }
 
 /// The operation names [`FakeKernel::fail_next`] accepts: the [`Kernel`] method names that
 /// return a `SysResult`.
 /// `make_fs` and `grow_fs` fail with a [`ToolError`] whose failure is
 /// `ToolFailure::Spawn(errno)`.
-const FAILABLE: [&str; 26] = [
+const FAILABLE: [&str; 28] = [
     "set_project_id",
     "project_id",
     "set_project_limit",
@@ -141,6 +148,8 @@ const FAILABLE: [&str; 26] = [
     "btrfs_qgroup_limit",
     "btrfs_qgroups",
     "btrfs_commit",
+    "freeze_fs",
+    "thaw_fs",
 ];
 
 /// A [`Kernel`] that performs nothing privileged.
@@ -165,6 +174,9 @@ const FAILABLE: [&str; 26] = [
 ///   (top level, 5, otherwise). With quotas on, a new subvolume gets its qgroup, as the
 ///   kernel does; a destroyed one keeps it until removed. Removing the qgroup of a live
 ///   subvolume is EBUSY, as on Linux 6.8 and later. The quota mode starts `Off`.
+/// - Freezing marks the filesystem (the device of the fd's inode) frozen; nothing blocks.
+///   Freezing a frozen one is EBUSY and thawing one not frozen answers `false`, as the
+///   kernel does.
 #[derive(Debug, Default)]
 pub struct FakeKernel {
     state: Mutex<State>,
@@ -187,6 +199,8 @@ struct State {
     /// None means Off.
     btrfs_quota: Option<QuotaMode>,
     qgroups: Vec<Qgroup>,
+    /// Devices of the frozen filesystems.
+    frozen: Vec<u64>,
 }
 
 /// One fake btrfs subvolume: a directory `name` in `dir`.
@@ -333,6 +347,12 @@ impl FakeKernel {
     /// Ids of the live fake subvolumes.
     pub fn subvolumes(&self) -> Vec<u64> {
         self.state().subvolumes.iter().map(|s| s.id).collect()
+    }
+
+    /// Whether the filesystem holding `fd` is frozen (by [`Kernel::freeze_fs`]).
+    pub fn is_frozen(&self, fd: BorrowedFd<'_>) -> SysResult<bool> {
+        let dev = inode_of(fd)?.dev;
+        Ok(self.state().frozen.contains(&dev))
     }
 
     /// Records `call`, then applies any failure injected for `op`.
@@ -784,6 +804,24 @@ impl Kernel for FakeKernel {
     fn btrfs_commit(&self, _fs: BorrowedFd<'_>) -> SysResult<()> {
         drop(self.enter(KernelCall::BtrfsCommit, "btrfs_commit")?);
         Ok(())
+    }
+
+    fn freeze_fs(&self, fs: BorrowedFd<'_>) -> SysResult<()> {
+        let id = inode_of(fs)?;
+        let mut state = self.enter(KernelCall::FreezeFs { fs: id }, "freeze_fs")?;
+        if state.frozen.contains(&id.dev) {
+            return Err(SysError::new("fake freeze", "already frozen", Errno::BUSY));
+        }
+        state.frozen.push(id.dev);
+        Ok(())
+    }
+
+    fn thaw_fs(&self, fs: BorrowedFd<'_>) -> SysResult<bool> {
+        let id = inode_of(fs)?;
+        let mut state = self.enter(KernelCall::ThawFs { fs: id }, "thaw_fs")?;
+        let before = state.frozen.len();
+        state.frozen.retain(|&dev| dev != id.dev);
+        Ok(state.frozen.len() != before)
     }
 }
 

@@ -63,7 +63,7 @@ const BENEATH: ResolveFlags = ResolveFlags::BENEATH
     .union(ResolveFlags::NO_MAGICLINKS);
 
 /// How every directory of a walk is opened: readable (for getdents), never through a symlink.
-const DIR_FLAGS: OFlags = OFlags::RDONLY
+pub(crate) const DIR_FLAGS: OFlags = OFlags::RDONLY
     .union(OFlags::DIRECTORY)
     .union(OFlags::NOFOLLOW)
     .union(OFlags::CLOEXEC);
@@ -75,7 +75,7 @@ static OPENAT2_MISSING: AtomicBool = AtomicBool::new(false);
 /// A walk keeps at most this many ancestor directories open; older ones are closed and
 /// re-opened through `..` (with an identity check) on the way back up, so a deep tree cannot
 /// exhaust the fd table. Small under test so that path is exercised.
-const MAX_HELD_FDS: usize = if cfg!(test) { 4 } else { 64 };
+pub(crate) const MAX_HELD_FDS: usize = if cfg!(test) { 4 } else { 64 };
 
 /// How often a directory that turned out non-empty at rmdir time (something was created in it
 /// while we were deleting) is scanned again before giving up with ENOTEMPTY.
@@ -94,13 +94,18 @@ pub(crate) fn fd_desc(fd: BorrowedFd<'_>) -> String {
 }
 
 /// Renders a name or path as a quoted string, lossily for non-UTF-8 bytes.
-fn quoted(bytes: &[u8]) -> String {
+pub(crate) fn quoted(bytes: &[u8]) -> String {
     format!("{:?}", String::from_utf8_lossy(bytes))
 }
 
 /// The usual error shape of this module: `op(fd N: /where, "name")`.
 /// An empty `name` means the call was on the fd itself (fstat, fsync, …).
-fn at_error(op: &'static str, fd: BorrowedFd<'_>, name: &[u8], errno: Errno) -> SysError {
+pub(crate) fn at_error(
+    op: &'static str,
+    fd: BorrowedFd<'_>,
+    name: &[u8],
+    errno: Errno,
+) -> SysError {
     if name.is_empty() {
         return SysError::new(op, fd_desc(fd), errno);
     }
@@ -120,7 +125,11 @@ fn require_absolute(op: &'static str, path: &Path) -> SysResult<()> {
 }
 
 /// Checks that `name` is exactly one path component and turns it into a C string.
-fn single_component(op: &'static str, dir: BorrowedFd<'_>, name: &str) -> SysResult<CString> {
+pub(crate) fn single_component(
+    op: &'static str,
+    dir: BorrowedFd<'_>,
+    name: &str,
+) -> SysResult<CString> {
     if name.is_empty() || name == "." || name == ".." || name.contains('/') {
         return Err(at_error(op, dir, name.as_bytes(), Errno::INVAL));
     }
@@ -224,7 +233,7 @@ pub fn open_dir_beneath(root: BorrowedFd<'_>, rel: &Path) -> SysResult<OwnedFd> 
     )
 }
 
-fn open_beneath(root: BorrowedFd<'_>, rel: &Path, oflags: OFlags) -> SysResult<OwnedFd> {
+pub(crate) fn open_beneath(root: BorrowedFd<'_>, rel: &Path, oflags: OFlags) -> SysResult<OwnedFd> {
     if OPENAT2_MISSING.load(Ordering::Relaxed) {
         return walk_beneath(root, rel, oflags);
     }
@@ -685,7 +694,7 @@ const STATX_MASK: StatxFlags = StatxFlags::TYPE
     .union(StatxFlags::BLOCKS)
     .union(StatxFlags::MNT_ID);
 
-fn stat_fd(fd: BorrowedFd<'_>) -> Result<Statx, Errno> {
+pub(crate) fn stat_fd(fd: BorrowedFd<'_>) -> Result<Statx, Errno> {
     rustix::fs::statx(fd, c"", AtFlags::EMPTY_PATH, STATX_MASK)
 }
 
@@ -699,23 +708,23 @@ fn stat_at(dir: BorrowedFd<'_>, name: &CStr) -> Result<Statx, Errno> {
     )
 }
 
-fn file_type(st: &Statx) -> FileType {
+pub(crate) fn file_type(st: &Statx) -> FileType {
     FileType::from_raw_mode(u32::from(st.stx_mode))
 }
 
-fn inode_id(st: &Statx) -> InodeId {
+pub(crate) fn inode_id(st: &Statx) -> InodeId {
     InodeId {
         dev: rustix::fs::makedev(st.stx_dev_major, st.stx_dev_minor),
         ino: st.stx_ino,
     }
 }
 
-fn is_mount_root(st: &Statx) -> bool {
+pub(crate) fn is_mount_root(st: &Statx) -> bool {
     st.stx_attributes_mask.contains(StatxAttributes::MOUNT_ROOT)
         && st.stx_attributes.contains(StatxAttributes::MOUNT_ROOT)
 }
 
-fn mount_id(st: &Statx) -> u64 {
+pub(crate) fn mount_id(st: &Statx) -> u64 {
     if StatxFlags::from_bits_retain(st.stx_mask).contains(StatxFlags::MNT_ID) {
         st.stx_mnt_id
     } else {
@@ -727,12 +736,12 @@ fn mount_id(st: &Statx) -> u64 {
 
 /// Where a directory of the walk lives: which inode, on which mount.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct DirId {
+pub(crate) struct DirId {
     id: InodeId,
     mount_id: u64,
 }
 
-fn dir_id(st: &Statx) -> DirId {
+pub(crate) fn dir_id(st: &Statx) -> DirId {
     DirId {
         id: inode_id(st),
         mount_id: mount_id(st),
@@ -749,13 +758,13 @@ fn crosses_mount(parent: DirId, st: &Statx) -> bool {
         || (child != 0 && parent.mount_id != 0 && child != parent.mount_id)
 }
 
-struct Entry {
-    name: CString,
+pub(crate) struct Entry {
+    pub(crate) name: CString,
     /// d_type said directory, or did not say.
-    maybe_dir: bool,
+    pub(crate) maybe_dir: bool,
 }
 
-fn read_entries(fd: BorrowedFd<'_>) -> SysResult<Vec<Entry>> {
+pub(crate) fn read_entries(fd: BorrowedFd<'_>) -> SysResult<Vec<Entry>> {
     let mut dir = Dir::read_from(fd).map_err(|e| at_error("opendir", fd, b"", e))?;
     let mut entries = Vec::new();
     while let Some(entry) = dir.read() {
@@ -845,7 +854,7 @@ impl<'a> Walk<'a> {
 
 /// Re-opens the parent of `child` through `..` and checks it is the directory we left there:
 /// if the child was moved meanwhile, `..` is somewhere else and the walk must stop.
-fn reopen_parent(child: BorrowedFd<'_>, expected: DirId) -> SysResult<OwnedFd> {
+pub(crate) fn reopen_parent(child: BorrowedFd<'_>, expected: DirId) -> SysResult<OwnedFd> {
     let fd = rustix::fs::openat(child, c"..", DIR_FLAGS, Mode::empty())
         .map_err(|e| at_error("openat", child, b"..", e))?;
     let st = stat_fd(fd.as_fd()).map_err(|e| at_error("statx", fd.as_fd(), b"", e))?;

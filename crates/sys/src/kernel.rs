@@ -215,4 +215,60 @@ pub trait Kernel: Send + Sync + Debug + 'static {
 
     /// Commits the filesystem holding `fs` (syncfs): subvolume and qgroup changes durable.
     fn btrfs_commit(&self, fs: BorrowedFd<'_>) -> SysResult<()>;
+
+    // ---- freezing (a consistent image-pool snapshot)
+
+    /// Freezes the mounted filesystem holding `fs` (any file or directory of it; FIFREEZE):
+    /// dirty data is written out and every further write to it blocks until
+    /// [`Kernel::thaw_fs`]. Already frozen is EBUSY; a filesystem that cannot be frozen is
+    /// EOPNOTSUPP. Prefer [`Frozen`], which thaws even when the caller returns early.
+    fn freeze_fs(&self, fs: BorrowedFd<'_>) -> SysResult<()>;
+
+    /// Thaws the filesystem holding `fs` (FITHAW). Returns whether it was frozen: a
+    /// filesystem that was not (the kernel's EINVAL) is `Ok(false)`, so reconciliation after
+    /// a crash can thaw blindly.
+    fn thaw_fs(&self, fs: BorrowedFd<'_>) -> SysResult<bool>;
+}
+
+/// A filesystem frozen with [`Kernel::freeze_fs`] for as long as the guard lives.
+///
+/// [`Frozen::thaw`] is the normal end and reports a failure to thaw; dropping the guard
+/// without it (an early return, a panic) thaws too, ignoring any error, since nothing could
+/// be done about it there.
+#[derive(Debug)]
+#[must_use = "the filesystem is thawed as soon as the guard is dropped"]
+pub struct Frozen<'a> {
+    kernel: &'a dyn Kernel,
+    fs: BorrowedFd<'a>,
+    armed: bool,
+}
+
+impl<'a> Frozen<'a> {
+    /// Freezes the filesystem holding `fs`; it stays frozen until the guard is thawed or
+    /// dropped.
+    pub fn new(kernel: &'a dyn Kernel, fs: BorrowedFd<'a>) -> SysResult<Self> {
+        kernel.freeze_fs(fs)?;
+        Ok(Self {
+            kernel,
+            fs,
+            armed: true,
+        })
+    }
+
+    /// Thaws the filesystem now. An error leaves it in whatever state the kernel left it
+    /// (the drop does not try again).
+    pub fn thaw(mut self) -> SysResult<()> {
+        self.armed = false;
+        self.kernel.thaw_fs(self.fs).map(drop)
+    }
+}
+
+impl Drop for Frozen<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            // No logging in this crate and nowhere to report to: thaw_fs is idempotent, so
+            // a later reconciliation can thaw again.
+            let _ = self.kernel.thaw_fs(self.fs);
+        }
+    }
 }

@@ -9,13 +9,15 @@
 //!   a filesystem from a device). [`LinuxKernel`] is the real one; [`FakeKernel`] records every call
 //!   and can be told to fail, so the logic above it is unit-tested without root.
 //!
-//! Beside them, [`image`] (image files, fd-relative) and [`blockfs::probe`] (what a device
-//! holds) are unprivileged given their fds, and not faked either.
+//! Beside them, [`image`] (image files, fd-relative), [`copy`] (file clones and tree copies
+//! for snapshots) and [`blockfs::probe`] (what a device holds) are unprivileged given their
+//! fds, and not faked either.
 //!
 //! This is the only crate of the workspace allowed `unsafe`; each block says why it is sound.
 
 pub mod blockfs;
 pub mod btrfs;
+pub mod copy;
 mod error;
 pub mod fake;
 pub mod fs;
@@ -27,9 +29,10 @@ pub mod mountinfo;
 
 pub use blockfs::{DeviceContent, FsKind};
 pub use btrfs::{Qgroup, QuotaMode as BtrfsQuotaMode};
+pub use copy::{CloneMethod, CopyStats};
 pub use error::{SysError, SysResult, ToolError, ToolFailure};
 pub use fake::{FakeKernel, FakeLoop, KernelCall};
-pub use kernel::{Kernel, MountAttrs, QuotaSupport, QuotaUsage};
+pub use kernel::{Frozen, Kernel, MountAttrs, QuotaSupport, QuotaUsage};
 pub use linux::LinuxKernel;
 pub use loopdev::{LoopDevice, LoopOptions};
 pub use rustix::io::Errno;

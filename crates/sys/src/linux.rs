@@ -6,6 +6,7 @@ use std::path::Path;
 
 use rustix::fs::{Mode, OFlags};
 use rustix::io::Errno;
+use rustix::ioctl::Updater;
 use rustix::mount::{MoveMountFlags, OpenTreeFlags, UnmountFlags};
 
 use crate::fs::{fd_desc, file_info};
@@ -48,6 +49,9 @@ mod raw {
     pub(super) const FS_XFLAG_PROJINHERIT: u32 = 0x0000_0200;
     pub(super) const FS_IOC_FSGETXATTR: Opcode = opcode::read::<FsXattr>(b'X', 31);
     pub(super) const FS_IOC_FSSETXATTR: Opcode = opcode::write::<FsXattr>(b'X', 32);
+    /// `FIFREEZE` and `FITHAW` are `_IOWR('X', 119/120, int)`; the kernel ignores the int.
+    pub(super) const FIFREEZE: Opcode = opcode::read_write::<std::ffi::c_int>(b'X', 119);
+    pub(super) const FITHAW: Opcode = opcode::read_write::<std::ffi::c_int>(b'X', 120);
 
     /// `struct if_dqblk`, argument of Q_GETQUOTA / Q_SETQUOTA. Space limits are in
     /// QIF_DQBLKSIZE (1 KiB) blocks, current space in bytes.
@@ -571,6 +575,37 @@ impl Kernel for LinuxKernel {
     fn btrfs_commit(&self, fs: BorrowedFd<'_>) -> SysResult<()> {
         btrfs::commit(fs)
     }
+
+    fn freeze_fs(&self, fs: BorrowedFd<'_>) -> SysResult<()> {
+        with_ioctl_fd(fs, |fd| {
+            let mut unused: std::ffi::c_int = 0;
+            // SAFETY: FIFREEZE is _IOWR('X', 119, int); the Updater points at a live c_int for
+            // the duration of the call (the kernel does not even read it).
+            let freeze = unsafe { Updater::<{ raw::FIFREEZE }, _>::new(&mut unused) };
+            // SAFETY: the opcode and argument type agree (see above); `fd` is open for the call.
+            unsafe { rustix::ioctl::ioctl(fd, freeze) }
+                .map_err(|e| SysError::new("ioctl", format!("{}, FIFREEZE", fd_desc(fd)), e))
+        })
+    }
+
+    fn thaw_fs(&self, fs: BorrowedFd<'_>) -> SysResult<bool> {
+        with_ioctl_fd(fs, |fd| {
+            let mut unused: std::ffi::c_int = 0;
+            // SAFETY: FITHAW is _IOWR('X', 120, int); as for FIFREEZE.
+            let thaw = unsafe { Updater::<{ raw::FITHAW }, _>::new(&mut unused) };
+            // SAFETY: the opcode and argument type agree (see above); `fd` is open for the call.
+            match unsafe { rustix::ioctl::ioctl(fd, thaw) } {
+                Ok(()) => Ok(true),
+                // thaw_super's answer for a filesystem that is not frozen.
+                Err(Errno::INVAL) => Ok(false),
+                Err(e) => Err(SysError::new(
+                    "ioctl",
+                    format!("{}, FITHAW", fd_desc(fd)),
+                    e,
+                )),
+            }
+        })
+    }
 }
 
 /// Runs `f` on `fd`, or on a re-opened real fd of the same inode when `fd` is O_PATH (which
@@ -620,6 +655,8 @@ mod tests {
         assert_eq!(raw::qcmd(raw::Q_XGETQSTATV, raw::PRJQUOTA), 0x0058_0802);
         assert_eq!(raw::FS_IOC_FSGETXATTR, 0x801c_581f);
         assert_eq!(raw::FS_IOC_FSSETXATTR, 0x401c_5820);
+        assert_eq!(raw::FIFREEZE, 0xc004_5877);
+        assert_eq!(raw::FITHAW, 0xc004_5878);
     }
 
     #[test]

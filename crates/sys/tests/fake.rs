@@ -7,7 +7,9 @@ use std::os::fd::AsFd;
 use std::sync::Arc;
 
 use stowage_sys::fs::{file_info, open_trusted_dir};
-use stowage_sys::{Errno, FakeKernel, Kernel, KernelCall, MountAttrs, QuotaSupport, QuotaUsage};
+use stowage_sys::{
+    Errno, FakeKernel, Frozen, Kernel, KernelCall, MountAttrs, QuotaSupport, QuotaUsage,
+};
 
 #[test]
 fn fake_is_a_shareable_kernel() {
@@ -309,4 +311,48 @@ fn fake_loop_devices_follow_the_image_pool_flow() {
             .count(),
         3
     );
+}
+
+#[test]
+fn freeze_and_thaw_track_the_frozen_state() {
+    let kernel = FakeKernel::new();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fd = open_trusted_dir(dir.path()).expect("open");
+    let id = file_info(fd.as_fd()).expect("info").id;
+    assert!(
+        !kernel.thaw_fs(fd.as_fd()).expect("thaw unfrozen"),
+        "was not frozen"
+    );
+    kernel.freeze_fs(fd.as_fd()).expect("freeze");
+    assert!(kernel.is_frozen(fd.as_fd()).expect("frozen?"));
+    assert_eq!(
+        kernel.freeze_fs(fd.as_fd()).expect_err("twice").errno,
+        Errno::BUSY
+    );
+    assert!(kernel.thaw_fs(fd.as_fd()).expect("thaw"), "was frozen");
+    assert!(!kernel.is_frozen(fd.as_fd()).expect("frozen?"));
+    assert_eq!(
+        kernel.calls(),
+        vec![
+            KernelCall::ThawFs { fs: id },
+            KernelCall::FreezeFs { fs: id },
+            KernelCall::FreezeFs { fs: id },
+            KernelCall::ThawFs { fs: id },
+        ]
+    );
+
+    // The guard thaws on drop and on thaw(); a failed freeze leaves nothing to thaw.
+    {
+        let _frozen = Frozen::new(&kernel, fd.as_fd()).expect("freeze");
+        assert!(kernel.is_frozen(fd.as_fd()).expect("frozen?"));
+    }
+    assert!(!kernel.is_frozen(fd.as_fd()).expect("frozen?"));
+    let frozen = Frozen::new(&kernel, fd.as_fd()).expect("freeze");
+    frozen.thaw().expect("thaw");
+    assert!(!kernel.is_frozen(fd.as_fd()).expect("frozen?"));
+    kernel.fail_next("freeze_fs", Errno::OPNOTSUPP, 1);
+    kernel.clear();
+    let err = Frozen::new(&kernel, fd.as_fd()).expect_err("injected");
+    assert_eq!(err.errno, Errno::OPNOTSUPP);
+    assert_eq!(kernel.calls(), vec![KernelCall::FreezeFs { fs: id }]);
 }

@@ -118,9 +118,22 @@ pub fn mount_btrfs(dir: &Path, test: &str) -> Option<(PathBuf, MountGuard)> {
     mount_fresh(dir, test, "btrfs", &["-q", "-f"], 256 << 20)
 }
 
+/// A freshly made xfs with reflink in a 320 MiB image file (xfs's minimum is 300 MiB),
+/// loop-mounted at `dir/mnt`. None (after printing why) when mkfs.xfs or mount -o loop is not
+/// usable here.
+pub fn mount_xfs(dir: &Path, test: &str) -> Option<(PathBuf, MountGuard)> {
+    mount_fresh(
+        dir,
+        test,
+        "xfs",
+        &["-q", "-f", "-m", "reflink=1"],
+        320 << 20,
+    )
+}
+
 /// `mkfs.<fs> <mkfs_args>` on a `size`-byte image file in `dir`, loop-mounted at `dir/mnt`
 /// (unmounted when the guard drops).
-fn mount_fresh(
+pub fn mount_fresh(
     dir: &Path,
     test: &str,
     fs: &str,
