@@ -8,97 +8,142 @@ use crate::{Error, Result};
 /// The CSI limit on any string field.
 pub const MAX_STRING_BYTES: usize = 128;
 
-const ID_PREFIX: &str = "stw-";
 const ID_HEX_LEN: usize = 32;
 
-/// A volume id minted by stowage: `stw-` followed by 32 lowercase hex digits.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct VolumeId(String);
-
-/// Why a volume id string is not one of ours.
+/// Why an id string is not one of ours.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum IdProblem {
     /// Empty: a required field is missing.
     Missing,
     /// Longer than the CSI string limit or contains a NUL: the request itself is malformed.
     Malformed(String),
-    /// A well-formed string that stowage never minted: no such volume.
+    /// A well-formed string that stowage never minted: nothing of ours has it.
     Foreign,
 }
 
-impl VolumeId {
-    /// Mints a fresh random id.
-    pub fn generate() -> Self {
-        VolumeId(format!("{ID_PREFIX}{}", uuid::Uuid::new_v4().simple()))
+/// Checks that `s` is `prefix` followed by 32 lowercase hex digits: the one shape stowage
+/// mints, which is a single safe path component.
+fn parse_minted(field: &str, prefix: &str, s: &str) -> std::result::Result<(), IdProblem> {
+    if s.is_empty() {
+        return Err(IdProblem::Missing);
     }
-
-    /// Parses an id from a request, telling apart a malformed request from an id that simply
-    /// is not ours.
-    pub fn parse(s: &str) -> std::result::Result<Self, IdProblem> {
-        if s.is_empty() {
-            return Err(IdProblem::Missing);
-        }
-        check_csi_string("volume_id", s).map_err(|e| IdProblem::Malformed(e.to_string()))?;
-        let hex = s.strip_prefix(ID_PREFIX).ok_or(IdProblem::Foreign)?;
-        if hex.len() == ID_HEX_LEN && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
-            Ok(VolumeId(s.to_owned()))
-        } else {
-            Err(IdProblem::Foreign)
-        }
-    }
-
-    /// The id as a string; by construction a single safe path component.
-    pub fn as_str(&self) -> &str {
-        &self.0
+    check_csi_string(field, s).map_err(|e| IdProblem::Malformed(e.to_string()))?;
+    let hex = s.strip_prefix(prefix).ok_or(IdProblem::Foreign)?;
+    if hex.len() == ID_HEX_LEN && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        Ok(())
+    } else {
+        Err(IdProblem::Foreign)
     }
 }
 
-impl fmt::Display for VolumeId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
+/// Defines an id type minted by stowage (`$prefix` + 32 hex digits) and the type of a request
+/// field carrying one (`$reference`: ours, or a well-formed string naming nothing of ours).
+macro_rules! minted_id {
+    ($(#[$doc:meta])* $id:ident, $reference:ident, $prefix:literal, $field:literal, $what:literal) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub struct $id(String);
+
+        impl $id {
+            /// Mints a fresh random id.
+            pub fn generate() -> Self {
+                $id(format!("{}{}", $prefix, uuid::Uuid::new_v4().simple()))
+            }
+
+            /// Parses an id from a request, telling apart a malformed request from an id
+            /// that simply is not ours.
+            pub fn parse(s: &str) -> std::result::Result<Self, IdProblem> {
+                parse_minted($field, $prefix, s).map(|()| $id(s.to_owned()))
+            }
+
+            /// The id as a string; by construction a single safe path component.
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl fmt::Display for $id {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        #[doc = concat!("A `", $field, "` field as the request carried it: ours, or a string that names no ", $what, ".")]
+        #[derive(Debug, Clone, PartialEq, Eq)]
+        pub enum $reference {
+            /// One of ours (it may since have been deleted).
+            Ours($id),
+            /// Well-formed but never minted by stowage: nothing of ours has it.
+            Foreign(String),
+        }
+
+        impl $reference {
+            #[doc = concat!("Validates a required `", $field, "` field: missing or malformed is INVALID_ARGUMENT.")]
+            pub fn from_request(s: &str) -> Result<Self> {
+                Self::from_field($field, s)
+            }
+
+            /// Validates a required field named `field` that carries such an id.
+            pub fn from_field(field: &str, s: &str) -> Result<Self> {
+                match parse_minted(field, $prefix, s) {
+                    Ok(()) => Ok($reference::Ours($id(s.to_owned()))),
+                    Err(IdProblem::Missing) => {
+                        Err(Error::InvalidArgument(format!("{field} is required")))
+                    }
+                    Err(IdProblem::Malformed(why)) => Err(Error::InvalidArgument(why)),
+                    Err(IdProblem::Foreign) => Ok($reference::Foreign(s.to_owned())),
+                }
+            }
+
+            /// The id if it is ours; otherwise NOT_FOUND naming it.
+            pub fn require(&self) -> Result<&$id> {
+                match self {
+                    $reference::Ours(id) => Ok(id),
+                    $reference::Foreign(s) => Err(Error::NotFound(format!(
+                        "{} {s:?} does not exist",
+                        $what
+                    ))),
+                }
+            }
+
+            /// The string as received, for messages.
+            pub fn as_str(&self) -> &str {
+                match self {
+                    $reference::Ours(id) => id.as_str(),
+                    $reference::Foreign(s) => s,
+                }
+            }
+        }
+    };
 }
 
-/// A volume id field as the request carried it: ours, or a string that names no volume.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum VolumeRef {
-    /// One of ours (it may still have been deleted).
-    Ours(VolumeId),
-    /// Well-formed but never minted by stowage: no such volume.
-    Foreign(String),
-}
+minted_id!(
+    /// A volume id minted by stowage: `stw-` followed by 32 lowercase hex digits.
+    VolumeId,
+    VolumeRef,
+    "stw-",
+    "volume_id",
+    "volume"
+);
 
-impl VolumeRef {
-    /// Validates the `volume_id` field of a request: missing or malformed is INVALID_ARGUMENT.
-    pub fn from_request(s: &str) -> Result<Self> {
-        match VolumeId::parse(s) {
-            Ok(id) => Ok(VolumeRef::Ours(id)),
-            Err(IdProblem::Missing) => Err(Error::invalid("volume_id is required")),
-            Err(IdProblem::Malformed(why)) => Err(Error::InvalidArgument(why)),
-            Err(IdProblem::Foreign) => Ok(VolumeRef::Foreign(s.to_owned())),
-        }
-    }
-
-    /// The id if it is ours; otherwise NOT_FOUND naming it.
-    pub fn require(&self) -> Result<&VolumeId> {
-        match self {
-            VolumeRef::Ours(id) => Ok(id),
-            VolumeRef::Foreign(s) => Err(not_found(s)),
-        }
-    }
-
-    /// The string as received, for messages.
-    pub fn as_str(&self) -> &str {
-        match self {
-            VolumeRef::Ours(id) => id.as_str(),
-            VolumeRef::Foreign(s) => s,
-        }
-    }
-}
+minted_id!(
+    /// A snapshot id minted by stowage: `sns-` followed by 32 lowercase hex digits, so it is
+    /// never mistaken for a volume id nor for a path.
+    SnapshotId,
+    SnapshotRef,
+    "sns-",
+    "snapshot_id",
+    "snapshot"
+);
 
 /// NOT_FOUND for a volume id.
 pub fn not_found(id: &str) -> Error {
     Error::NotFound(format!("volume {id:?} does not exist"))
+}
+
+/// NOT_FOUND for a snapshot id.
+pub fn snapshot_not_found(id: &str) -> Error {
+    Error::NotFound(format!("snapshot {id:?} does not exist"))
 }
 
 /// The CO-chosen name of a volume (the idempotency key of CreateVolume).

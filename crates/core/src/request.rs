@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, HashMap};
 use stowage_csi::v1 as csi;
 use stowage_csi::v1::volume_capability::access_mode::Mode;
 
-use crate::ids::{check_csi_string, VolumeName, VolumeRef};
+use crate::ids::{check_csi_string, SnapshotRef, VolumeName, VolumeRef};
 use crate::{Error, Result};
 
 /// Parameter naming the pool in a StorageClass.
@@ -401,6 +401,55 @@ pub struct CreateVolume {
     pub capabilities: Vec<Capability>,
     pub params: VolumeParams,
     pub topology: Option<TopologyRequirement>,
+    /// What the new volume is filled from (None: it starts empty).
+    pub source: Option<ContentSource>,
+}
+
+/// Where a new volume's content comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ContentSource {
+    /// A snapshot (restore).
+    Snapshot(SnapshotRef),
+    /// Another volume (clone).
+    Volume(VolumeRef),
+}
+
+impl ContentSource {
+    /// Validates `volume_content_source`: a message naming no source, or an empty or
+    /// malformed id, is INVALID_ARGUMENT; an id stowage never minted stays `Foreign`, which
+    /// the engine answers NOT_FOUND ("source does not exist").
+    pub fn from_wire(source: &csi::VolumeContentSource) -> Result<Self> {
+        use csi::volume_content_source::Type;
+        match &source.r#type {
+            Some(Type::Snapshot(s)) => Ok(ContentSource::Snapshot(SnapshotRef::from_field(
+                "volume_content_source.snapshot.snapshot_id",
+                &s.snapshot_id,
+            )?)),
+            Some(Type::Volume(v)) => Ok(ContentSource::Volume(VolumeRef::from_field(
+                "volume_content_source.volume.volume_id",
+                &v.volume_id,
+            )?)),
+            None => Err(Error::invalid(
+                "volume_content_source names neither a snapshot nor a volume",
+            )),
+        }
+    }
+
+    /// The source as it appears on the wire, for a volume created from it.
+    pub fn to_wire(&self) -> csi::VolumeContentSource {
+        use csi::volume_content_source::{SnapshotSource, Type, VolumeSource};
+        let r#type = match self {
+            ContentSource::Snapshot(s) => Type::Snapshot(SnapshotSource {
+                snapshot_id: s.as_str().to_owned(),
+            }),
+            ContentSource::Volume(v) => Type::Volume(VolumeSource {
+                volume_id: v.as_str().to_owned(),
+            }),
+        };
+        csi::VolumeContentSource {
+            r#type: Some(r#type),
+        }
+    }
 }
 
 impl TryFrom<&csi::CreateVolumeRequest> for CreateVolume {
@@ -416,11 +465,11 @@ impl TryFrom<&csi::CreateVolumeRequest> for CreateVolume {
                 "mutable_parameters are not supported (no MODIFY_VOLUME capability)",
             ));
         }
-        if req.volume_content_source.is_some() {
-            return Err(Error::invalid(
-                "volume_content_source is not supported: this driver does not offer snapshots or clones yet",
-            ));
-        }
+        let source = req
+            .volume_content_source
+            .as_ref()
+            .map(ContentSource::from_wire)
+            .transpose()?;
         let topology = req
             .accessibility_requirements
             .as_ref()
@@ -432,6 +481,123 @@ impl TryFrom<&csi::CreateVolumeRequest> for CreateVolume {
             capabilities,
             params,
             topology,
+            source,
+        })
+    }
+}
+
+/// Prefix of the parameters the external-snapshotter adds with `--extra-create-metadata`
+/// (the VolumeSnapshot's name and namespace, the VolumeSnapshotContent's name).
+pub const PARAM_SNAPSHOT_METADATA_PREFIX: &str = "csi.storage.k8s.io/volumesnapshot";
+
+/// A validated CreateSnapshot. Stowage takes no snapshot parameters of its own: any key but
+/// the snapshotter's metadata is INVALID_ARGUMENT, since silently ignoring one (a retention
+/// policy, say) would promise what it does not do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CreateSnapshot {
+    pub source: VolumeRef,
+    pub name: VolumeName,
+}
+
+impl TryFrom<&csi::CreateSnapshotRequest> for CreateSnapshot {
+    type Error = Error;
+    fn try_from(req: &csi::CreateSnapshotRequest) -> Result<Self> {
+        let name = VolumeName::parse(&req.name)?;
+        let source = VolumeRef::from_field("source_volume_id", &req.source_volume_id)?;
+        check_map("parameters", &req.parameters)?;
+        if let Some(key) = req
+            .parameters
+            .keys()
+            .filter(|k| !k.starts_with(PARAM_SNAPSHOT_METADATA_PREFIX))
+            .min()
+        {
+            return Err(Error::InvalidArgument(format!(
+                "snapshot parameter {key:?} is not supported (stowage takes no snapshot parameters)"
+            )));
+        }
+        Ok(CreateSnapshot { source, name })
+    }
+}
+
+/// A validated DeleteSnapshot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeleteSnapshot {
+    pub snapshot: SnapshotRef,
+}
+
+impl TryFrom<&csi::DeleteSnapshotRequest> for DeleteSnapshot {
+    type Error = Error;
+    fn try_from(req: &csi::DeleteSnapshotRequest) -> Result<Self> {
+        Ok(DeleteSnapshot {
+            snapshot: SnapshotRef::from_request(&req.snapshot_id)?,
+        })
+    }
+}
+
+/// A validated GetSnapshot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GetSnapshot {
+    pub snapshot: SnapshotRef,
+}
+
+impl TryFrom<&csi::GetSnapshotRequest> for GetSnapshot {
+    type Error = Error;
+    fn try_from(req: &csi::GetSnapshotRequest) -> Result<Self> {
+        Ok(GetSnapshot {
+            snapshot: SnapshotRef::from_request(&req.snapshot_id)?,
+        })
+    }
+}
+
+/// A validated ListSnapshots. The filters are optional; a filter naming something stowage
+/// never minted matches nothing (an empty list, as the spec's filters imply), and is not
+/// an error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListSnapshots {
+    pub page: Page,
+    pub snapshot: Option<SnapshotRef>,
+    pub source: Option<VolumeRef>,
+}
+
+impl TryFrom<&csi::ListSnapshotsRequest> for ListSnapshots {
+    type Error = Error;
+    fn try_from(req: &csi::ListSnapshotsRequest) -> Result<Self> {
+        let page = Page::from_wire(req.max_entries, &req.starting_token)?;
+        let snapshot = (!req.snapshot_id.is_empty())
+            .then(|| SnapshotRef::from_request(&req.snapshot_id))
+            .transpose()?;
+        let source = (!req.source_volume_id.is_empty())
+            .then(|| VolumeRef::from_field("source_volume_id", &req.source_volume_id))
+            .transpose()?;
+        Ok(ListSnapshots {
+            page,
+            snapshot,
+            source,
+        })
+    }
+}
+
+/// A page of a listing: `max_entries` and `starting_token`, as ListVolumes and ListSnapshots
+/// both carry them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Page {
+    /// At most this many entries (None: all).
+    pub max_entries: Option<u32>,
+    /// Where to continue.
+    pub starting_token: Option<String>,
+}
+
+impl Page {
+    fn from_wire(max_entries: i32, starting_token: &str) -> Result<Self> {
+        if max_entries < 0 {
+            return Err(Error::InvalidArgument(format!(
+                "max_entries must not be negative, got {max_entries}"
+            )));
+        }
+        check_csi_string("starting_token", starting_token)?;
+        Ok(Page {
+            max_entries: (max_entries > 0).then_some(max_entries as u32),
+            starting_token: (!starting_token.is_empty()).then(|| starting_token.to_owned()),
         })
     }
 }
@@ -479,25 +645,14 @@ impl TryFrom<&csi::ValidateVolumeCapabilitiesRequest> for ValidateCapabilities {
 /// A validated ListVolumes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ListVolumes {
-    /// At most this many entries (None: all).
-    pub max_entries: Option<u32>,
-    /// Where to continue.
-    pub starting_token: Option<String>,
+    pub page: Page,
 }
 
 impl TryFrom<&csi::ListVolumesRequest> for ListVolumes {
     type Error = Error;
     fn try_from(req: &csi::ListVolumesRequest) -> Result<Self> {
-        if req.max_entries < 0 {
-            return Err(Error::InvalidArgument(format!(
-                "max_entries must not be negative, got {}",
-                req.max_entries
-            )));
-        }
-        check_csi_string("starting_token", &req.starting_token)?;
         Ok(ListVolumes {
-            max_entries: (req.max_entries > 0).then_some(req.max_entries as u32),
-            starting_token: (!req.starting_token.is_empty()).then(|| req.starting_token.clone()),
+            page: Page::from_wire(req.max_entries, &req.starting_token)?,
         })
     }
 }

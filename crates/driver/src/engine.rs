@@ -11,8 +11,8 @@ use std::sync::Arc;
 
 use stowage_core::ids::{not_found, VolumeRef};
 use stowage_core::request::{
-    Access, Capability, ControllerExpand, CreateVolume, DeleteVolume, GetCapacity, GetVolume,
-    ListVolumes, Segments, ValidateCapabilities, VolumeParams,
+    Access, Capability, ContentSource, ControllerExpand, CreateVolume, DeleteVolume, GetCapacity,
+    GetVolume, ListVolumes, Segments, ValidateCapabilities, VolumeParams,
 };
 use stowage_core::{Error, Result, VolumeId};
 use stowage_csi::v1 as csi;
@@ -50,27 +50,31 @@ pub const DEFAULT_PAGE_SIZE: u32 = 1000;
 /// ListVolumes pagination tokens: `<seq>.<tag>`, the tag a keyed hash of the sequence
 /// number under a key drawn at start (std's randomly keyed SipHash).
 #[derive(Debug, Default)]
-struct PageTokens {
+pub(crate) struct PageTokens {
     key: std::collections::hash_map::RandomState,
 }
 
 impl PageTokens {
-    fn tag(&self, seq: i64) -> u64 {
+    /// `listing` keeps the tokens of one listing from opening another's.
+    fn tag(&self, listing: u8, seq: i64) -> u64 {
         use std::hash::BuildHasher;
-        self.key.hash_one(seq)
+        self.key.hash_one((listing, seq))
     }
 
-    fn issue(&self, seq: i64) -> String {
-        format!("{seq}.{:016x}", self.tag(seq))
+    pub(crate) fn issue(&self, listing: u8, seq: i64) -> String {
+        format!("{seq}.{:016x}", self.tag(listing, seq))
     }
 
-    fn open(&self, token: &str) -> Option<i64> {
+    fn open(&self, listing: u8, token: &str) -> Option<i64> {
         let (seq, tag) = token.split_once('.')?;
         let seq: i64 = seq.parse().ok()?;
         let tag = u64::from_str_radix(tag, 16).ok()?;
-        (seq > 0 && tag == self.tag(seq)).then_some(seq)
+        (seq > 0 && tag == self.tag(listing, seq)).then_some(seq)
     }
 }
+
+/// Page tokens of ListVolumes.
+const VOLUME_TOKENS: u8 = 0;
 
 /// The engine.
 #[derive(Debug)]
@@ -81,7 +85,7 @@ pub struct Engine {
     pub(crate) identity: Identity,
     pub(crate) guards: Guards,
     pub(crate) kernel: Arc<dyn Kernel>,
-    tokens: PageTokens,
+    pub(crate) tokens: PageTokens,
     /// This node's topology as the wire carries it, built once: every volume in a
     /// ListVolumes page carries a copy, and cloning a map is cheaper than building one.
     topology: csi::Topology,
@@ -167,6 +171,12 @@ impl Engine {
                 continue;
             };
             let outcome = match vol.state {
+                // Filled from a source: a half copy cannot be told from a whole one, so the
+                // volume is removed; the CO's retried CreateVolume fills it anew.
+                VolumeState::Creating if vol.source.is_some() => pool
+                    .backend()
+                    .delete(&vol)
+                    .and_then(|()| self.store.remove_volume(&vol.id)),
                 VolumeState::Creating => pool
                     .backend()
                     .create(&vol)
@@ -184,7 +194,9 @@ impl Engine {
                 }
             }
         }
+        self.reconcile_snapshots()?;
         self.reconcile_publications()?;
+        self.recover_staged_volumes()?;
         self.enforce_quotas_on_old_volumes()?;
         self.report_orphans()?;
         self.ready.store(true, Ordering::Release);
@@ -239,6 +251,20 @@ impl Engine {
                 tracing::warn!(
                     pool = %pool.name(), count = orphans.len(), first = %orphans[0],
                     "pool holds directories no volume record names; they are left untouched"
+                );
+            }
+            let snapshots: std::collections::HashSet<String> =
+                self.store.snapshot_ids(pool.name())?.into_iter().collect();
+            let orphans: Vec<String> = pool
+                .backend()
+                .snapshot_names()?
+                .into_iter()
+                .filter(|name| !snapshots.contains(name))
+                .collect();
+            if !orphans.is_empty() {
+                tracing::warn!(
+                    pool = %pool.name(), count = orphans.len(), first = %orphans[0],
+                    "pool holds snapshots no snapshot record names; they are left untouched"
                 );
             }
         }
@@ -300,7 +326,7 @@ impl Engine {
             capacity_bytes: vol.capacity as i64,
             volume_id: vol.id.to_string(),
             volume_context: pool.volume_context().clone(),
-            content_source: None,
+            content_source: vol.source.as_ref().map(ContentSource::to_wire),
             accessible_topology: vec![self.topology.clone()],
         }
     }
@@ -334,15 +360,34 @@ impl Engine {
                 if vol.block { "block" } else { "filesystem" }
             ));
         }
+        if vol.source != req.source {
+            return Some(match &vol.source {
+                Some(s) => format!("it was made from {}", crate::store::source_to_text(s)),
+                None => "it was made empty, not from a source".to_owned(),
+            });
+        }
         None
     }
 
-    /// CreateVolume.
+    /// CreateVolume. With a content source, the volume is filled from it (see
+    /// [`crate::snapshots`]): the source's pool is the default, and its size the least.
     pub fn create_volume(&self, req: CreateVolume) -> Result<csi::Volume> {
         let _guard = self
             .guards
             .claim(format!("volume name {:?}", req.name.as_str()))?;
-        let pool = Arc::clone(self.pool(req.params.pool.as_deref())?);
+        let existing = self.store.volume_by_name(req.name.as_str())?;
+        // A source that is gone matters only to a volume still to be filled: a retried call
+        // for a volume made from it before it was deleted still answers OK.
+        let source = req.source.as_ref().map(|s| self.resolve_source(s));
+        let source_pool = match &source {
+            Some(Ok(s)) => Some(s.pool().to_owned()),
+            _ => existing
+                .as_ref()
+                .filter(|e| e.source == req.source)
+                .map(|e| e.pool.clone()),
+        };
+        let pool_name = req.params.pool.as_deref().or(source_pool.as_deref());
+        let pool = Arc::clone(self.pool(pool_name)?);
         let block = Self::check_capabilities(&pool, &req.capabilities)?;
         if let Some(topology) = &req.topology {
             if !topology.admits(&self.identity.segments()) {
@@ -353,7 +398,7 @@ impl Engine {
             }
         }
 
-        let vol = match self.store.volume_by_name(req.name.as_str())? {
+        let vol = match existing {
             Some(existing) => {
                 if let Some(why) = Self::incompatibility(&req, &pool, block, &existing) {
                     return Err(Error::AlreadyExists(format!(
@@ -375,7 +420,14 @@ impl Engine {
                 }
             }
             None => {
-                let mut size = req.capacity.choose(pool.default_size(), SIZE_GRANULE);
+                let source = source
+                    .as_ref()
+                    .map(|s| s.as_ref().map_err(Error::clone))
+                    .transpose()?;
+                let mut size = req.capacity.choose(
+                    source.as_ref().map_or(pool.default_size(), |s| s.size()),
+                    SIZE_GRANULE,
+                );
                 // A filesystem with a minimum size (xfs, btrfs on an image pool): a smaller
                 // request is rounded up to it when its limit allows, refused otherwise.
                 let minimum = req
@@ -396,8 +448,12 @@ impl Engine {
                     }
                     size = minimum;
                 }
+                if let Some(source) = &source {
+                    size = Self::check_source(&req, &pool, block, source, size)?;
+                }
                 pool.check_fits(size)?;
                 let id = VolumeId::generate();
+                let (fs_type, block_size) = source.as_ref().map_or((None, None), |s| s.layout());
                 self.store.insert_volume(&NewVolume {
                     id: &id,
                     name: req.name.as_str(),
@@ -408,13 +464,25 @@ impl Engine {
                     pvc_namespace: req.params.pvc_namespace.as_deref(),
                     pv_name: req.params.pv_name.as_deref(),
                     full_allocation: req.params.full_allocation,
+                    source: req.source.as_ref(),
+                    fs_type,
+                    block_size,
                 })?
             }
         };
         crate::crash::point("create-after-intent");
-        pool.backend().create(&vol)?;
-        crate::crash::point("create-after-backend");
-        self.store.set_volume_state(&vol.id, VolumeState::Ready)?;
+        match source.transpose()? {
+            None => {
+                pool.backend().create(&vol)?;
+                crate::crash::point("create-after-backend");
+                self.store.set_volume_state(&vol.id, VolumeState::Ready)?;
+            }
+            Some(source) => {
+                self.fill_from(&vol, &pool, &source)?;
+                crate::crash::point("create-after-backend");
+                self.store.set_volume_ready_durably(&vol.id)?;
+            }
+        }
         Ok(self.to_volume(&vol, &pool))
     }
 
@@ -593,24 +661,30 @@ impl Engine {
     /// ListVolumes. A token names the sequence number to continue from (stable when volumes
     /// are deleted between pages) and carries a tag keyed with this process's secret, so a
     /// token this driver did not hand out — or handed out before a restart — is ABORTED.
-    pub fn list_volumes(&self, req: ListVolumes) -> Result<csi::ListVolumesResponse> {
-        let from = match &req.starting_token {
-            None => 0,
-            Some(token) => self.tokens.open(token).ok_or_else(|| {
+    /// Where a listing continues: 0 without a token, ABORTED for a token this instance did
+    /// not issue for this listing.
+    pub(crate) fn open_token(&self, listing: u8, token: Option<&str>) -> Result<i64> {
+        match token {
+            None => Ok(0),
+            Some(token) => self.tokens.open(listing, token).ok_or_else(|| {
                 Error::Aborted(format!(
-                    "starting_token {token:?} was not issued by this driver instance; restart the listing without a token"
+                    "starting_token {token:?} was not issued by this driver instance for this listing; restart the listing without a token"
                 ))
-            })?,
-        };
+            }),
+        }
+    }
+
+    pub fn list_volumes(&self, req: ListVolumes) -> Result<csi::ListVolumesResponse> {
+        let from = self.open_token(VOLUME_TOKENS, req.page.starting_token.as_deref())?;
         // Without max_entries the CO sets no limit, but one response holding every volume
         // could pass the 4 MiB a gRPC client accepts by default: pages stay bounded and
         // next_token says there is more.
-        let page = req.max_entries.unwrap_or(DEFAULT_PAGE_SIZE);
+        let page = req.page.max_entries.unwrap_or(DEFAULT_PAGE_SIZE);
         let mut rows = self.store.list_ready(from, Some(page.saturating_add(1)))?;
         let next_token = match page {
             n if rows.len() > n as usize => rows
                 .pop()
-                .map(|(v, _)| self.tokens.issue(v.seq))
+                .map(|(v, _)| self.tokens.issue(VOLUME_TOKENS, v.seq))
                 .unwrap_or_default(),
             _ => String::new(),
         };

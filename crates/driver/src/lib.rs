@@ -13,6 +13,7 @@ pub mod node;
 pub mod pool;
 pub mod server;
 pub mod service;
+pub mod snapshots;
 pub mod store;
 
 pub use server::{serve, termination, ServeOptions};

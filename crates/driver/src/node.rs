@@ -462,6 +462,7 @@ impl Engine {
                 nodev: true,
                 ..Default::default()
             },
+            mount_point: req.staging.as_path(),
         };
         self.mount_recorded(
             "staging_target_path",
@@ -697,6 +698,34 @@ impl Engine {
             Ok(mark) => Ok(Some(mark)),
             Err(Error::NotFound(_)) => Ok(None),
             Err(e) => Err(e),
+        }
+    }
+
+    /// The root of the filesystem mount a stage publication `p` of `vol` made, when it is
+    /// still there and still the volume's (its root matches the mark); None otherwise, and
+    /// for publish records (the stage is the one mount of the filesystem that counts).
+    pub(crate) fn checked_stage_root(
+        &self,
+        vol: &VolumeRecord,
+        p: &Publication,
+    ) -> Result<Option<OwnedFd>> {
+        if p.kind != PublicationKind::Stage || p.state != PublicationState::Mounted {
+            return Ok(None);
+        }
+        let Some(mark) = self.mark_of(vol)? else {
+            return Ok(None);
+        };
+        let Ok(path) = HostPath::parse("staging_target_path", &p.path) else {
+            return Ok(None);
+        };
+        let at = match self.locate("staging_target_path", &path) {
+            Ok(at) => at,
+            Err(Error::NotFound(_)) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        match self.leaf("staging_target_path", &at)? {
+            Leaf::MountRoot { fd, id } if mark.matches(id) => Ok(Some(fd)),
+            _ => Ok(None),
         }
     }
 

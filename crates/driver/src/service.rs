@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use stowage_core::request::{
-    ControllerExpand, CreateVolume, DeleteVolume, GetCapacity, GetVolume, ListVolumes,
-    ValidateCapabilities,
+    ControllerExpand, CreateSnapshot, CreateVolume, DeleteSnapshot, DeleteVolume, GetCapacity,
+    GetSnapshot, GetVolume, ListSnapshots, ListVolumes, ValidateCapabilities,
 };
 use stowage_core::{Error, Result};
 use stowage_csi::v1 as csi;
@@ -346,6 +346,10 @@ impl csi::controller_server::Controller for Driver {
             CtrlCap::VolumeCondition,
             CtrlCap::SingleNodeMultiWriter,
             CtrlCap::ExpandVolume,
+            CtrlCap::CreateDeleteSnapshot,
+            CtrlCap::ListSnapshots,
+            CtrlCap::GetSnapshot,
+            CtrlCap::CloneVolume,
         ]
         .into_iter()
         .filter(|c| *c != CtrlCap::ExpandVolume || self.engine.controller_expansion)
@@ -362,30 +366,73 @@ impl csi::controller_server::Controller for Driver {
 
     async fn create_snapshot(
         &self,
-        _req: Request<csi::CreateSnapshotRequest>,
+        req: Request<csi::CreateSnapshotRequest>,
     ) -> Result<Response<csi::CreateSnapshotResponse>, Status> {
-        unimplemented(self, "CreateSnapshot")
+        let req = req.into_inner();
+        let subject = req.name.clone();
+        self.call(
+            Service::Controller,
+            Cost::Blocking,
+            "CreateSnapshot",
+            &subject,
+            move |e| {
+                let snapshot = e.create_snapshot(CreateSnapshot::try_from(&req)?)?;
+                Ok(csi::CreateSnapshotResponse {
+                    snapshot: Some(snapshot),
+                })
+            },
+        )
+        .await
     }
 
     async fn delete_snapshot(
         &self,
-        _req: Request<csi::DeleteSnapshotRequest>,
+        req: Request<csi::DeleteSnapshotRequest>,
     ) -> Result<Response<csi::DeleteSnapshotResponse>, Status> {
-        unimplemented(self, "DeleteSnapshot")
+        let req = req.into_inner();
+        let subject = req.snapshot_id.clone();
+        self.call(
+            Service::Controller,
+            Cost::Blocking,
+            "DeleteSnapshot",
+            &subject,
+            move |e| {
+                e.delete_snapshot(DeleteSnapshot::try_from(&req)?)?;
+                Ok(csi::DeleteSnapshotResponse {})
+            },
+        )
+        .await
     }
 
     async fn list_snapshots(
         &self,
-        _req: Request<csi::ListSnapshotsRequest>,
+        req: Request<csi::ListSnapshotsRequest>,
     ) -> Result<Response<csi::ListSnapshotsResponse>, Status> {
-        unimplemented(self, "ListSnapshots")
+        let req = req.into_inner();
+        self.call(
+            Service::Controller,
+            Cost::Short,
+            "ListSnapshots",
+            "",
+            move |e| e.list_snapshots(ListSnapshots::try_from(&req)?),
+        )
+        .await
     }
 
     async fn get_snapshot(
         &self,
-        _req: Request<csi::GetSnapshotRequest>,
+        req: Request<csi::GetSnapshotRequest>,
     ) -> Result<Response<csi::GetSnapshotResponse>, Status> {
-        unimplemented(self, "GetSnapshot")
+        let req = req.into_inner();
+        let subject = req.snapshot_id.clone();
+        self.call(
+            Service::Controller,
+            Cost::Short,
+            "GetSnapshot",
+            &subject,
+            move |e| e.get_snapshot(GetSnapshot::try_from(&req)?),
+        )
+        .await
     }
 
     async fn controller_expand_volume(

@@ -14,7 +14,12 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use rusqlite::{params, Connection, OptionalExtension, Row};
+use stowage_core::ids::{SnapshotId, SnapshotRef, VolumeRef};
+use stowage_core::request::ContentSource;
 use stowage_core::{Error, Result, VolumeId};
+
+mod snapshot;
+pub use snapshot::{NewSnapshot, SnapshotFilter, SnapshotRecord};
 
 use crate::durable::GroupSync;
 
@@ -22,7 +27,7 @@ use crate::durable::GroupSync;
 /// SQLite's AUTOINCREMENT never reuses, so a project id never names two volumes.
 pub const PROJECT_ID_BASE: u64 = 2_000_000_000;
 
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 
 const SCHEMA: &str = "
 CREATE TABLE volumes (
@@ -39,7 +44,8 @@ CREATE TABLE volumes (
     created_at    INTEGER NOT NULL,
     fs_type       TEXT,
     block_size    INTEGER,
-    full_alloc    INTEGER NOT NULL DEFAULT 0
+    full_alloc    INTEGER NOT NULL DEFAULT 0,
+    source        TEXT
 );
 CREATE INDEX volumes_state ON volumes (state) WHERE state != 'ready';
 CREATE TABLE publications (
@@ -54,6 +60,20 @@ CREATE TABLE publications (
     staging_path  TEXT
 );
 CREATE INDEX publications_volume ON publications (volume_id);
+CREATE TABLE snapshots (
+    seq           INTEGER PRIMARY KEY AUTOINCREMENT,
+    id            TEXT    NOT NULL UNIQUE,
+    name          TEXT    NOT NULL UNIQUE,
+    source_volume TEXT    NOT NULL,
+    pool          TEXT    NOT NULL,
+    size          INTEGER NOT NULL,
+    state         TEXT    NOT NULL CHECK (state IN ('creating', 'ready', 'deleting')),
+    block         INTEGER NOT NULL,
+    fs_type       TEXT,
+    block_size    INTEGER,
+    created_at_ns INTEGER NOT NULL
+);
+CREATE INDEX snapshots_source ON snapshots (source_volume);
 ";
 
 /// Version 1 to 2: what an `image` volume keeps for its whole life (the filesystem made on
@@ -65,7 +85,26 @@ ALTER TABLE volumes ADD COLUMN block_size INTEGER;
 ALTER TABLE volumes ADD COLUMN full_alloc INTEGER NOT NULL DEFAULT 0;
 ";
 
-/// Lifecycle state of a volume record.
+/// Version 2 to 3: snapshots, and where a volume's content came from.
+const MIGRATE_2_TO_3: &str = "
+ALTER TABLE volumes ADD COLUMN source TEXT;
+CREATE TABLE snapshots (
+    seq           INTEGER PRIMARY KEY AUTOINCREMENT,
+    id            TEXT    NOT NULL UNIQUE,
+    name          TEXT    NOT NULL UNIQUE,
+    source_volume TEXT    NOT NULL,
+    pool          TEXT    NOT NULL,
+    size          INTEGER NOT NULL,
+    state         TEXT    NOT NULL CHECK (state IN ('creating', 'ready', 'deleting')),
+    block         INTEGER NOT NULL,
+    fs_type       TEXT,
+    block_size    INTEGER,
+    created_at_ns INTEGER NOT NULL
+);
+CREATE INDEX snapshots_source ON snapshots (source_volume);
+";
+
+/// Lifecycle state of a volume or snapshot record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum VolumeState {
     /// Intent recorded; the backend may or may not have acted.
@@ -121,6 +160,8 @@ pub struct VolumeRecord {
     pub block_size: Option<u32>,
     /// Every byte of the volume is allocated on the pool's filesystem (`allocation=full`).
     pub full_allocation: bool,
+    /// What the volume was filled from at creation (None: it started empty).
+    pub source: Option<ContentSource>,
 }
 
 impl VolumeRecord {
@@ -142,6 +183,11 @@ pub struct NewVolume<'a> {
     pub pvc_namespace: Option<&'a str>,
     pub pv_name: Option<&'a str>,
     pub full_allocation: bool,
+    /// What it is filled from; a volume made from a snapshot or a clone.
+    pub source: Option<&'a ContentSource>,
+    /// The layout it inherits from its source (an image volume's filesystem and block size).
+    pub fs_type: Option<&'a str>,
+    pub block_size: Option<u32>,
 }
 
 /// Kind of a node publication.
@@ -265,7 +311,39 @@ fn volume_from_row(row: &Row<'_>) -> rusqlite::Result<VolumeRecord> {
         fs_type: row.get(11)?,
         block_size: row.get(12)?,
         full_allocation: row.get(13)?,
+        source: row
+            .get_ref(14)?
+            .as_str_or_null()?
+            .map(parse_source)
+            .transpose()?,
     })
+}
+
+/// How a content source is recorded: `snapshot:<id>` or `volume:<id>`.
+pub(crate) fn source_to_text(source: &ContentSource) -> String {
+    match source {
+        ContentSource::Snapshot(s) => format!("snapshot:{}", s.as_str()),
+        ContentSource::Volume(v) => format!("volume:{}", v.as_str()),
+    }
+}
+
+fn parse_source(text: &str) -> rusqlite::Result<ContentSource> {
+    let bad = || {
+        rusqlite::Error::InvalidColumnType(
+            14,
+            format!("content source {text:?}"),
+            rusqlite::types::Type::Text,
+        )
+    };
+    match text.split_once(':') {
+        Some(("snapshot", id)) => SnapshotId::parse(id)
+            .map(|id| ContentSource::Snapshot(SnapshotRef::Ours(id)))
+            .map_err(|_| bad()),
+        Some(("volume", id)) => VolumeId::parse(id)
+            .map(|id| ContentSource::Volume(VolumeRef::Ours(id)))
+            .map_err(|_| bad()),
+        _ => Err(bad()),
+    }
 }
 
 fn publication_from_row(row: &Row<'_>) -> rusqlite::Result<Publication> {
@@ -290,8 +368,8 @@ fn publication_from_row(row: &Row<'_>) -> rusqlite::Result<Publication> {
     })
 }
 
-const VOLUME_COLUMNS: &str = "seq, id, name, pool, capacity, state, block, pvc_name, pvc_namespace, pv_name, created_at, fs_type, block_size, full_alloc";
-const VOLUME_COLUMN_COUNT: usize = 14;
+const VOLUME_COLUMNS: &str = "seq, id, name, pool, capacity, state, block, pvc_name, pvc_namespace, pv_name, created_at, fs_type, block_size, full_alloc, source";
+const VOLUME_COLUMN_COUNT: usize = 15;
 const PUBLICATION_COLUMNS: &str =
     "path, volume_id, kind, state, read_only, access_mode, flags, created_dir, staging_path";
 
@@ -356,25 +434,31 @@ impl Store {
         let version: i64 = conn
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .map_err(db_err)?;
-        match version {
-            0 => {
+        if version > SCHEMA_VERSION {
+            return Err(Error::Internal(format!(
+                "metadata store has schema version {version}; this stowage knows {SCHEMA_VERSION}: refusing to touch it"
+            )));
+        }
+        if version == 0 {
+            conn.execute_batch(&format!(
+                "BEGIN; {SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+            ))
+            .map_err(db_err)?;
+            return Ok(conn);
+        }
+        // Each step in its own transaction: a crash between two leaves a store at a version
+        // this code migrates on from.
+        for (from, step) in [(1, MIGRATE_1_TO_2), (2, MIGRATE_2_TO_3)] {
+            if version <= from {
                 conn.execute_batch(&format!(
-                    "BEGIN; {SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+                    "BEGIN; {step} PRAGMA user_version = {}; COMMIT;",
+                    from + 1
                 ))
                 .map_err(db_err)?;
-            }
-            1 => {
-                conn.execute_batch(&format!(
-                    "BEGIN; {MIGRATE_1_TO_2} PRAGMA user_version = 2; COMMIT;"
-                ))
-                .map_err(db_err)?;
-                tracing::info!("metadata store migrated from schema version 1 to 2");
-            }
-            SCHEMA_VERSION => {}
-            newer => {
-                return Err(Error::Internal(format!(
-                    "metadata store has schema version {newer}; this stowage knows {SCHEMA_VERSION}: refusing to touch it"
-                )))
+                tracing::info!(
+                    "metadata store migrated from schema version {from} to {}",
+                    from + 1
+                );
             }
         }
         Ok(conn)
@@ -436,8 +520,8 @@ impl Store {
     pub fn insert_volume(&self, v: &NewVolume<'_>) -> Result<VolumeRecord> {
         self.commit_durably(|conn| {
         conn.prepare_cached(&format!(
-            "INSERT INTO volumes (id, name, pool, capacity, state, block, pvc_name, pvc_namespace, pv_name, created_at, full_alloc)
-             VALUES (?1, ?2, ?3, ?4, 'creating', ?5, ?6, ?7, ?8, ?9, ?10) RETURNING {VOLUME_COLUMNS}"
+            "INSERT INTO volumes (id, name, pool, capacity, state, block, pvc_name, pvc_namespace, pv_name, created_at, full_alloc, source, fs_type, block_size)
+             VALUES (?1, ?2, ?3, ?4, 'creating', ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13) RETURNING {VOLUME_COLUMNS}"
         ))
         .and_then(|mut st| {
             st.query_row(
@@ -451,7 +535,10 @@ impl Store {
                     v.pvc_namespace,
                     v.pv_name,
                     now(),
-                    v.full_allocation
+                    v.full_allocation,
+                    v.source.map(source_to_text),
+                    v.fs_type,
+                    v.block_size
                 ],
                 volume_from_row,
             )
@@ -491,6 +578,17 @@ impl Store {
             VolumeState::Ready => self.relaxed(update)?,
             VolumeState::Creating | VolumeState::Deleting => self.commit_durably(update)?,
         };
+        Ok(())
+    }
+
+    /// Marks a volume `ready` durably: for a volume filled from a source, whose interrupted
+    /// creation reconciliation undoes (it cannot tell a half copy from a whole one), the
+    /// CO must never be told of a volume a power cut could then take back.
+    pub fn set_volume_ready_durably(&self, id: &VolumeId) -> Result<()> {
+        self.commit_durably(|conn| {
+            conn.prepare_cached("UPDATE volumes SET state = 'ready' WHERE id = ?1")
+                .and_then(|mut st| st.execute([id.as_str()]))
+        })?;
         Ok(())
     }
 
@@ -674,6 +772,9 @@ mod tests {
             pvc_namespace: None,
             pv_name: None,
             full_allocation: false,
+            source: None,
+            fs_type: None,
+            block_size: None,
         }
     }
 
@@ -683,11 +784,10 @@ mod tests {
         let path = dir.path().join("state.db");
         {
             let conn = Connection::open(&path).unwrap();
-            let v1 = SCHEMA
-                .replace(
-                    ",\n    fs_type       TEXT,\n    block_size    INTEGER,\n    full_alloc    INTEGER NOT NULL DEFAULT 0",
-                    "",
-                );
+            let v1 = SCHEMA[..SCHEMA.find("CREATE TABLE snapshots").unwrap()].replace(
+                ",\n    fs_type       TEXT,\n    block_size    INTEGER,\n    full_alloc    INTEGER NOT NULL DEFAULT 0,\n    source        TEXT",
+                "",
+            );
             assert!(!v1.contains("full_alloc"), "the v1 schema is rebuilt");
             conn.execute_batch(&format!("{v1} PRAGMA user_version = 1;"))
                 .unwrap();

@@ -155,6 +155,8 @@ mod raw {
     pub(super) const IOC_SNAP_DESTROY_V2: Opcode = opcode::write::<VolArgsV2>(MAGIC, 63);
 
     pub(super) const SUBVOL_SPEC_BY_ID: u64 = 1 << 4;
+    /// BTRFS_SUBVOL_RDONLY: the new snapshot is read-only.
+    pub(super) const SUBVOL_RDONLY: u64 = 1 << 1;
     pub(super) const QUOTA_CTL_ENABLE: u64 = 1;
     pub(super) const QUOTA_CTL_ENABLE_SIMPLE_QUOTA: u64 = 4;
     pub(super) const QGROUP_LIMIT_MAX_RFER: u64 = 1;
@@ -215,11 +217,21 @@ pub fn create_subvolume(dir: BorrowedFd<'_>, name: &str) -> SysResult<()> {
         .map_err(|e| ioctl_error(dir, format!("BTRFS_IOC_SUBVOL_CREATE_V2 {name:?}"), e))
 }
 
-/// Makes `name` in directory `dir` a writable snapshot of the subvolume open at `source`
-/// (BTRFS_IOC_SNAP_CREATE_V2). EEXIST when the name is taken.
-pub fn create_snapshot(dir: BorrowedFd<'_>, name: &str, source: BorrowedFd<'_>) -> SysResult<()> {
+/// Makes `name` in directory `dir` a snapshot of the subvolume open at `source`
+/// (BTRFS_IOC_SNAP_CREATE_V2), read-only when `readonly` (BTRFS_SUBVOL_RDONLY). EEXIST when
+/// the name is taken. Subvolumes nested in the source are not part of it (btrfs snapshots
+/// stop at subvolume boundaries: they appear as empty directories).
+pub fn create_snapshot(
+    dir: BorrowedFd<'_>,
+    name: &str,
+    source: BorrowedFd<'_>,
+    readonly: bool,
+) -> SysResult<()> {
     let mut args = vol_args_named(name)?;
     args.fd = i64::from(std::os::fd::AsRawFd::as_raw_fd(&source));
+    if readonly {
+        args.flags |= raw::SUBVOL_RDONLY;
+    }
     // SAFETY: BTRFS_IOC_SNAP_CREATE_V2 is _IOW(0x94, 23, struct btrfs_ioctl_vol_args_v2): the
     // kernel reads one VolArgsV2, which Setter holds; `fd` names `source`, open for the call,
     // and the qgroup_inherit pointer is null.

@@ -533,13 +533,46 @@ pub fn copy_tree_with_progress(
     progress: &mut dyn FnMut(&CopyStats),
 ) -> SysResult<CopyStats> {
     let cname = single_component("copy_tree", dst_parent, name)?;
+    // The source is opened before the destination is made, so a bad source leaves nothing.
     let src_root = rustix::fs::openat(src, c".", DIR_FLAGS, Mode::empty())
         .map_err(|e| at_error("openat", src, b".", e))?;
-    let src_st = stat_self(src_root.as_fd()).map_err(|e| at_error("statx", src, b"", e))?;
     rustix::fs::mkdirat(dst_parent, &cname, Mode::from_raw_mode(0o700))
         .map_err(|e| at_error("mkdirat", dst_parent, name.as_bytes(), e))?;
     let dst_root = rustix::fs::openat(dst_parent, &cname, DIR_FLAGS, Mode::empty())
         .map_err(|e| at_error("openat", dst_parent, name.as_bytes(), e))?;
+    copy_tree_to(src_root, dst_root, cname, progress)
+}
+
+/// Copies the contents of directory `src` into the existing, empty directory `dst` (ENOTEMPTY
+/// otherwise), as [`copy_tree_with_progress`] does into a new one; `dst` itself gets the
+/// source root's owner, mode, xattrs and times at the end. For a destination made beforehand
+/// with properties its copy must inherit (a project quota with inheritance, so every copied
+/// file is charged to it).
+pub fn copy_tree_into(
+    src: BorrowedFd<'_>,
+    dst: BorrowedFd<'_>,
+    progress: &mut dyn FnMut(&CopyStats),
+) -> SysResult<CopyStats> {
+    let src_root = rustix::fs::openat(src, c".", DIR_FLAGS, Mode::empty())
+        .map_err(|e| at_error("openat", src, b".", e))?;
+    let dst_root = rustix::fs::openat(dst, c".", DIR_FLAGS, Mode::empty())
+        .map_err(|e| at_error("openat", dst, b".", e))?;
+    if !read_entries(dst_root.as_fd())?.is_empty() {
+        return Err(at_error("copy_tree_into", dst, b"", Errno::NOTEMPTY));
+    }
+    copy_tree_to(src_root, dst_root, c".".to_owned(), progress)
+}
+
+/// The walk of [`copy_tree_with_progress`] and [`copy_tree_into`], from the opened roots;
+/// `name` is the destination's name, for messages.
+fn copy_tree_to(
+    src_root: OwnedFd,
+    dst_root: OwnedFd,
+    cname: CString,
+    progress: &mut dyn FnMut(&CopyStats),
+) -> SysResult<CopyStats> {
+    let src_st =
+        stat_self(src_root.as_fd()).map_err(|e| at_error("statx", src_root.as_fd(), b"", e))?;
     let dst_st =
         stat_self(dst_root.as_fd()).map_err(|e| at_error("statx", dst_root.as_fd(), b"", e))?;
     let dst_top = rustix::io::fcntl_dupfd_cloexec(&dst_root, 0)

@@ -79,6 +79,12 @@ pub enum KernelCall {
         dir: InodeId,
         name: String,
     },
+    BtrfsSnapshot {
+        dir: InodeId,
+        name: String,
+        source: InodeId,
+        readonly: bool,
+    },
     BtrfsDestroySubvolume {
         dir: InodeId,
         name: String,
@@ -243,6 +249,46 @@ impl State {
 }
 
 impl FakeKernel {
+    /// Registers a new (empty) subvolume `name` in `dir`, with its qgroup when quotas are on.
+    fn make_subvolume(
+        mut state: MutexGuard<'_, State>,
+        dir: BorrowedFd<'_>,
+        name: &str,
+    ) -> SysResult<()> {
+        let dir_id = inode_of(dir)?;
+        crate::fs::mkdir_at(dir, name, 0o755)?;
+        let root = crate::fs::entry_info(dir, name)?.id;
+        let id = state
+            .subvolumes
+            .iter()
+            .map(|s| s.id + 1)
+            .max()
+            .unwrap_or(256);
+        let parent = state
+            .subvolumes
+            .iter()
+            .find(|s| s.root == dir_id)
+            .map_or(TOP_LEVEL_SUBVOLUME, |s| s.id);
+        let dir = rustix::io::fcntl_dupfd_cloexec(dir, 0)
+            .map_err(|e| SysError::new("fcntl", "F_DUPFD_CLOEXEC (fake subvolume)", e))?;
+        state.subvolumes.push(FakeSubvolume {
+            id,
+            root,
+            parent,
+            dir,
+            name: name.to_owned(),
+        });
+        if state.btrfs_quota.is_some_and(|m| m != QuotaMode::Off)
+            && state.qgroups.iter().all(|q| q.subvolume != id)
+        {
+            state.qgroups.push(Qgroup {
+                subvolume: id,
+                ..Qgroup::default()
+            });
+        }
+        Ok(())
+    }
+
     /// A fake with no calls, no failures, and quota support Unavailable("fake").
     pub fn new() -> Self {
         Self::default()
@@ -611,43 +657,31 @@ impl Kernel for FakeKernel {
     }
 
     fn btrfs_create_subvolume(&self, dir: BorrowedFd<'_>, name: &str) -> SysResult<()> {
-        let dir_id = inode_of(dir)?;
         let call = KernelCall::BtrfsCreateSubvolume {
-            dir: dir_id,
+            dir: inode_of(dir)?,
             name: name.to_owned(),
         };
-        let mut state = self.enter(call, "btrfs_create_subvolume")?;
-        crate::fs::mkdir_at(dir, name, 0o755)?;
-        let root = crate::fs::entry_info(dir, name)?.id;
-        let id = state
-            .subvolumes
-            .iter()
-            .map(|s| s.id + 1)
-            .max()
-            .unwrap_or(256);
-        let parent = state
-            .subvolumes
-            .iter()
-            .find(|s| s.root == dir_id)
-            .map_or(TOP_LEVEL_SUBVOLUME, |s| s.id);
-        let dir = rustix::io::fcntl_dupfd_cloexec(dir, 0)
-            .map_err(|e| SysError::new("fcntl", "F_DUPFD_CLOEXEC (fake subvolume)", e))?;
-        state.subvolumes.push(FakeSubvolume {
-            id,
-            root,
-            parent,
-            dir,
+        let state = self.enter(call, "btrfs_create_subvolume")?;
+        Self::make_subvolume(state, dir, name)
+    }
+
+    /// A snapshot is made as an empty subvolume: the fake keeps the bookkeeping (ids,
+    /// qgroups, parents), not the contents, which the root tests check on real btrfs.
+    fn btrfs_snapshot(
+        &self,
+        dir: BorrowedFd<'_>,
+        name: &str,
+        source: BorrowedFd<'_>,
+        readonly: bool,
+    ) -> SysResult<()> {
+        let call = KernelCall::BtrfsSnapshot {
+            dir: inode_of(dir)?,
             name: name.to_owned(),
-        });
-        if state.btrfs_quota.is_some_and(|m| m != QuotaMode::Off)
-            && state.qgroups.iter().all(|q| q.subvolume != id)
-        {
-            state.qgroups.push(Qgroup {
-                subvolume: id,
-                ..Qgroup::default()
-            });
-        }
-        Ok(())
+            source: inode_of(source)?,
+            readonly,
+        };
+        let state = self.enter(call, "btrfs_snapshot")?;
+        Self::make_subvolume(state, dir, name)
     }
 
     fn btrfs_destroy_subvolume(&self, dir: BorrowedFd<'_>, name: &str) -> SysResult<()> {

@@ -180,6 +180,17 @@ pub trait Kernel: Send + Sync + Debug + 'static {
     /// Creates subvolume `name` (one component) in directory `dir`. EEXIST when taken.
     fn btrfs_create_subvolume(&self, dir: BorrowedFd<'_>, name: &str) -> SysResult<()>;
 
+    /// Makes `name` (one component) in directory `dir` a snapshot of the subvolume whose root
+    /// is open at `source`, read-only when `readonly`. EEXIST when taken. Nested subvolumes
+    /// of the source are not in it.
+    fn btrfs_snapshot(
+        &self,
+        dir: BorrowedFd<'_>,
+        name: &str,
+        source: BorrowedFd<'_>,
+        readonly: bool,
+    ) -> SysResult<()>;
+
     /// Destroys the subvolume `name` in `dir`: ENOENT when absent, EINVAL when not a
     /// subvolume, ENOTEMPTY while it holds other subvolumes.
     fn btrfs_destroy_subvolume(&self, dir: BorrowedFd<'_>, name: &str) -> SysResult<()>;

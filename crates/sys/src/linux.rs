@@ -532,6 +532,18 @@ impl Kernel for LinuxKernel {
         with_ioctl_fd(dir, |fd| btrfs::create_subvolume(fd, name))
     }
 
+    fn btrfs_snapshot(
+        &self,
+        dir: BorrowedFd<'_>,
+        name: &str,
+        source: BorrowedFd<'_>,
+        readonly: bool,
+    ) -> SysResult<()> {
+        with_ioctl_fd(source, |source| {
+            with_ioctl_fd(dir, |fd| btrfs::create_snapshot(fd, name, source, readonly))
+        })
+    }
+
     fn btrfs_destroy_subvolume(&self, dir: BorrowedFd<'_>, name: &str) -> SysResult<()> {
         with_ioctl_fd(dir, |fd| btrfs::destroy_subvolume(fd, name))
     }

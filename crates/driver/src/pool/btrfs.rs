@@ -18,9 +18,11 @@ use stowage_sys::fs as sysfs;
 use stowage_sys::{BtrfsQuotaMode, Errno, Kernel, Qgroup};
 
 use super::{
-    sys_error as sys, Condition, Mark, PoolBackend, PoolCapacity, StageRequest, VolumeUsage,
+    sys_error as sys, Condition, Mark, PoolBackend, PoolCapacity, Source, StageRequest, VolumeUsage,
 };
-use crate::store::VolumeRecord;
+use crate::store::{SnapshotRecord, VolumeRecord};
+
+mod snapshots;
 
 /// How often a deletion enumerates nested subvolumes again when new ones appeared meanwhile.
 const DELETE_ROUNDS: usize = 3;
@@ -32,6 +34,9 @@ pub struct BtrfsBackend {
     name: String,
     /// `<path>/volumes`, the only directory volume ids are resolved in.
     volumes: OwnedFd,
+    /// `<path>/snapshots`, where snapshots are kept as read-only subvolumes, out of every
+    /// consumer's reach (only volume roots are ever bound).
+    snapshots: OwnedFd,
     /// Where `volumes` is in this mount namespace, to tell mounts inside a volume.
     volumes_path: PathBuf,
     /// The subvolume `volumes` is in (a volume's subvolume is another one).
@@ -84,6 +89,7 @@ impl BtrfsBackend {
             )));
         }
         let (volumes, _) = super::open_pool_dir(cfg, "volumes")?;
+        let (snapshots, _) = super::open_pool_dir(cfg, "snapshots")?;
         let volumes_path = cfg.path.join("volumes");
         // Symlinks in the configured path were followed: compare mounts with the real one.
         let volumes_path = std::fs::read_link(format!(
@@ -104,6 +110,7 @@ impl BtrfsBackend {
             pool_subvolume,
             name: cfg.name.clone(),
             volumes,
+            snapshots,
             volumes_path,
             mode,
             overcommit,
@@ -500,6 +507,31 @@ impl PoolBackend for BtrfsBackend {
     fn entry_names(&self) -> Result<Vec<String>> {
         sysfs::entry_names(self.volumes.as_fd())
             .map_err(sys(format!("listing pool {:?}", self.name)))
+    }
+
+    fn snapshot_method(&self) -> String {
+        "read-only btrfs subvolume snapshot; restores and clones are writable snapshots \
+         (constant time)"
+            .to_owned()
+    }
+
+    fn create_snapshot(&self, snap: &SnapshotRecord, source: Source<'_>) -> Result<()> {
+        self.take_snapshot(snap, source)
+    }
+
+    fn delete_snapshot(&self, snap: &SnapshotRecord) -> Result<()> {
+        self.remove_snapshot(snap)
+    }
+
+    fn create_from(&self, vol: &VolumeRecord, source: Source<'_>) -> Result<()> {
+        self.fill(vol, source)
+    }
+
+    fn snapshot_names(&self) -> Result<Vec<String>> {
+        sysfs::entry_names(self.snapshots.as_fd()).map_err(sys(format!(
+            "listing the snapshots of pool {:?}",
+            self.name
+        )))
     }
 
     fn condition(&self, vol: &VolumeRecord) -> Condition {
@@ -914,6 +946,7 @@ mod tests {
         let how = StageRequest {
             access: &Access::Mount(Default::default()),
             attrs,
+            mount_point: &staging,
         };
         kernel.clear();
         pool.stage(&vol, target.as_fd(), &how).unwrap();

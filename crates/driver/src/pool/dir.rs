@@ -13,10 +13,12 @@ use stowage_sys::fs as sysfs;
 use stowage_sys::{Errno, Kernel, QuotaSupport};
 
 use super::{
-    sys_error as sys, Condition, Mark, PoolBackend, PoolCapacity, StageRequest, VolumeUsage,
+    sys_error as sys, Condition, Mark, PoolBackend, PoolCapacity, Source, StageRequest, VolumeUsage,
 };
 use crate::durable::GroupSync;
-use crate::store::VolumeRecord;
+use crate::store::{SnapshotRecord, VolumeRecord};
+
+mod snapshots;
 
 /// The backend of a `dir` pool.
 #[derive(Debug)]
@@ -25,6 +27,9 @@ pub struct DirBackend {
     name: String,
     /// `<path>/volumes`, the only directory volume ids are resolved in.
     volumes: OwnedFd,
+    /// `<path>/snapshots`, where snapshots are kept as copies of volume trees, out of every
+    /// consumer's reach (only volume directories are ever bound).
+    snapshots: OwnedFd,
     fs_type: String,
     quota: QuotaSupport,
     kernel: Arc<dyn Kernel>,
@@ -40,6 +45,7 @@ impl DirBackend {
     /// filesystem enforces project quotas.
     pub fn open(cfg: &PoolConfig, kernel: Arc<dyn Kernel>) -> Result<Self> {
         let (volumes, fs_type) = super::open_pool_dir(cfg, "volumes")?;
+        let (snapshots, _) = super::open_pool_dir(cfg, "snapshots")?;
         let quota = kernel.quota_support(volumes.as_fd());
         match &quota {
             QuotaSupport::Enforced => tracing::info!(
@@ -61,6 +67,7 @@ impl DirBackend {
         Ok(DirBackend {
             name: cfg.name.clone(),
             volumes,
+            snapshots,
             fs_type,
             quota,
             kernel,
@@ -172,6 +179,31 @@ impl PoolBackend for DirBackend {
             self.put_under_quota(dir.as_fd(), vol)?;
         }
         self.sync_volumes()
+    }
+
+    fn snapshot_method(&self) -> String {
+        "copy of the volume's tree, fd-relative, symlinks kept as symlinks, per-file reflinks \
+         where the filesystem allows (time grows with the data)"
+            .to_owned()
+    }
+
+    fn create_snapshot(&self, snap: &SnapshotRecord, source: Source<'_>) -> Result<()> {
+        self.take_snapshot(snap, source)
+    }
+
+    fn delete_snapshot(&self, snap: &SnapshotRecord) -> Result<()> {
+        self.remove_snapshot(snap)
+    }
+
+    fn create_from(&self, vol: &VolumeRecord, source: Source<'_>) -> Result<()> {
+        self.fill(vol, source)
+    }
+
+    fn snapshot_names(&self) -> Result<Vec<String>> {
+        sysfs::entry_names(self.snapshots.as_fd()).map_err(sys(format!(
+            "listing the snapshots of pool {:?}",
+            self.name
+        )))
     }
 
     /// Removes the volume's tree fd-relative, never following a link nor entering another
@@ -623,6 +655,7 @@ mod tests {
         let how = StageRequest {
             access: &Access::Mount(Default::default()),
             attrs,
+            mount_point: &staging,
         };
         kernel.clear();
         pool.stage(&vol, target.as_fd(), &how).unwrap();

@@ -26,10 +26,12 @@ use stowage_sys::{
 };
 
 use super::{
-    sys_error as sys, Condition, Mark, PoolBackend, PoolCapacity, StageRequest, VolumeLayout,
-    VolumeUsage,
+    sys_error as sys, Condition, Mark, PoolBackend, PoolCapacity, Source, StageRequest,
+    VolumeLayout, VolumeUsage,
 };
-use crate::store::VolumeRecord;
+use crate::store::{SnapshotRecord, VolumeRecord};
+
+mod snapshots;
 
 /// The filesystem a volume gets when the capability names none.
 pub const DEFAULT_FS: FsKind = FsKind::Ext4;
@@ -48,6 +50,8 @@ pub struct ImageBackend {
     name: String,
     /// `<path>/images`, the only directory images are resolved in.
     images: OwnedFd,
+    /// `<path>/snapshots`, where snapshots are kept as image files, never attached.
+    snapshots: OwnedFd,
     images_path: PathBuf,
     /// Above 1.0: sizes may add up to this many times the pool filesystem's size.
     overcommit: Option<f64>,
@@ -81,6 +85,7 @@ impl ImageBackend {
     /// capacity is accounted.
     pub fn open(cfg: &PoolConfig, kernel: Arc<dyn Kernel>) -> Result<Self> {
         let (images, fs_type) = super::open_pool_dir(cfg, "images")?;
+        let (snapshots, _) = super::open_pool_dir(cfg, "snapshots")?;
         let images_path = cfg.path.join("images");
         let overcommit = cfg.overcommit_ratio.filter(|r| *r > 1.0);
         match overcommit {
@@ -96,6 +101,7 @@ impl ImageBackend {
         Ok(ImageBackend {
             name: cfg.name.clone(),
             images,
+            snapshots,
             images_path,
             overcommit,
             kernel,
@@ -336,6 +342,37 @@ impl PoolBackend for ImageBackend {
         Ok(false)
     }
 
+    fn snapshot_method(&self) -> String {
+        self.snapshot_method_text()
+    }
+
+    fn recover_staged(&self, vol: &VolumeRecord, staged: BorrowedFd<'_>) -> Result<()> {
+        self.thaw_if_frozen(vol, staged)
+    }
+
+    fn create_snapshot(&self, snap: &SnapshotRecord, source: Source<'_>) -> Result<()> {
+        self.take_snapshot(snap, source)
+    }
+
+    fn delete_snapshot(&self, snap: &SnapshotRecord) -> Result<()> {
+        self.remove_snapshot(snap)
+    }
+
+    fn create_from(&self, vol: &VolumeRecord, source: Source<'_>) -> Result<()> {
+        self.fill(vol, source)
+    }
+
+    fn snapshot_names(&self) -> Result<Vec<String>> {
+        Ok(sysfs::entry_names(self.snapshots.as_fd())
+            .map_err(sys(format!(
+                "listing the snapshots of pool {:?}",
+                self.name
+            )))?
+            .into_iter()
+            .map(|n| n.strip_suffix(SUFFIX).map(str::to_owned).unwrap_or(n))
+            .collect())
+    }
+
     /// Volume ids of the images in the pool (and other names as they are).
     fn entry_names(&self) -> Result<Vec<String>> {
         Ok(sysfs::entry_names(self.images.as_fd())
@@ -494,6 +531,22 @@ impl PoolBackend for ImageBackend {
                     e,
                 )
             })?;
+        // A volume filled from a smaller source carries the source's filesystem: it grows
+        // to the device here, so the consumer sees the size it asked for (a no-op once done).
+        let resizable = kind != FsKind::Btrfs
+            || self
+                .kernel
+                .device_size(&dev)
+                .is_ok_and(|size| size >= BTRFS_MIN_RESIZE);
+        if vol.source.is_some() && resizable {
+            self.kernel
+                .grow_fs(&dev, kind, how.mount_point)
+                .map_err(Self::tool_error(format!(
+                    "growing the restored {kind} of volume {} to its device {}",
+                    vol.id,
+                    dev.path.display()
+                )))?;
+        }
         // The mount holds the device from here on; closing our handle lets autoclear free it
         // at the last unmount.
         drop(dev);
@@ -681,6 +734,7 @@ mod tests {
         let how = StageRequest {
             access,
             attrs: MountAttrs::default(),
+            mount_point: &target,
         };
         pool.stage(vol, fd.as_fd(), &how)
     }

@@ -25,7 +25,7 @@ use stowage_core::{Error, Result};
 use stowage_sys::fs::{self as sysfs, InodeId};
 use stowage_sys::{Errno, Kernel, MountAttrs, SysError};
 
-use crate::store::VolumeRecord;
+use crate::store::{SnapshotRecord, VolumeRecord};
 
 /// Granule volume sizes are rounded up to.
 pub const SIZE_GRANULE: u64 = 1 << 20;
@@ -89,6 +89,9 @@ pub struct StageRequest<'a> {
     pub access: &'a Access,
     /// Attributes the staging mount gets; the node service chooses them (`nosuid,nodev`).
     pub attrs: MountAttrs,
+    /// The staging path as the CO gave it (absolute, just resolved without a symlink), for
+    /// the tools that take a mount point (growing a filesystem).
+    pub mount_point: &'a Path,
 }
 
 /// What a volume keeps for its whole life once its first stage decided it, recorded in the
@@ -99,6 +102,21 @@ pub struct VolumeLayout {
     pub fs_type: Option<String>,
     /// The logical block size of the volume's device.
     pub block_size: Option<u32>,
+}
+
+/// What a snapshot is taken of, or a new volume filled from.
+#[derive(Debug, Clone, Copy)]
+pub enum Source<'a> {
+    /// A snapshot of the pool (a restore).
+    Snapshot(&'a SnapshotRecord),
+    /// A volume of the pool (a clone, or the volume a snapshot is taken of), with the root of
+    /// its staging mount on this node when it is staged here (checked to be the volume's own
+    /// mount): a kind that copies the device under a mounted filesystem freezes it around
+    /// the copy.
+    Volume {
+        vol: &'a VolumeRecord,
+        staged: Option<BorrowedFd<'a>>,
+    },
 }
 
 /// One pool kind. Every method is called with the volume's guard held (or at start, before
@@ -181,6 +199,31 @@ pub trait PoolBackend: Send + Sync + Debug {
     /// record names. The name of a volume's entry is its id.
     fn entry_names(&self) -> Result<Vec<String>>;
 
+    // ---- snapshots and clones (controller side)
+
+    /// How this pool takes a snapshot and fills a volume from one, in a few words, for the
+    /// start-up log ("read-only subvolume snapshot", "reflink of the image file", …).
+    fn snapshot_method(&self) -> String;
+
+    /// Takes snapshot `snap` (recorded `creating`) of the volume `source` names into the
+    /// pool's snapshot storage, where no consumer can reach it, independent of the volume
+    /// from then on. Whatever an earlier attempt left under the snapshot's id is replaced.
+    /// Durable on return (the caller then records it `ready`).
+    fn create_snapshot(&self, snap: &SnapshotRecord, source: Source<'_>) -> Result<()>;
+
+    /// Removes a snapshot's storage. Absent is not an error. Durable on return.
+    fn delete_snapshot(&self, snap: &SnapshotRecord) -> Result<()>;
+
+    /// Fills volume `vol` (recorded `creating`, with a capacity at least the source's) from
+    /// `source` and puts it under its limit, as [`PoolBackend::create`] does for an empty
+    /// one. Whatever an earlier attempt left of `vol` was removed by the caller (with
+    /// [`PoolBackend::delete`]). Durable on return.
+    fn create_from(&self, vol: &VolumeRecord, source: Source<'_>) -> Result<()>;
+
+    /// Names of the entries in the pool's snapshot storage, for the report of data no
+    /// snapshot record names.
+    fn snapshot_names(&self) -> Result<Vec<String>>;
+
     /// The condition of the volume's backing storage; never fails (a check that cannot be
     /// made is itself abnormal, saying why).
     fn condition(&self, vol: &VolumeRecord) -> Condition;
@@ -243,6 +286,13 @@ pub trait PoolBackend: Send + Sync + Debug {
     /// now sees. The default (a kind whose limit takes effect at once): the recorded capacity.
     fn node_expand(&self, vol: &VolumeRecord, _mount_point: &Path) -> Result<u64> {
         Ok(vol.capacity)
+    }
+
+    /// At start, for a volume whose staging mount is still in place (`staged`, its checked
+    /// root): heals what a crash of the driver could have left on it. The image kind thaws a
+    /// filesystem an interrupted snapshot left frozen. The default: nothing to heal.
+    fn recover_staged(&self, _vol: &VolumeRecord, _staged: BorrowedFd<'_>) -> Result<()> {
+        Ok(())
     }
 
     /// NodeGetVolumeStats figures: bytes against the volume's capacity and inodes, as its
