@@ -1167,7 +1167,16 @@ mod tests {
         cases.push(("mutable params", r, InvalidArgument));
         let mut r = create("a");
         r.volume_content_source = Some(csi::VolumeContentSource::default());
-        cases.push(("content source", r, InvalidArgument));
+        cases.push(("content source naming nothing", r, InvalidArgument));
+        let mut r = create("a");
+        r.volume_content_source = Some(csi::VolumeContentSource {
+            r#type: Some(csi::volume_content_source::Type::Snapshot(
+                csi::volume_content_source::SnapshotSource {
+                    snapshot_id: String::new(),
+                },
+            )),
+        });
+        cases.push(("empty snapshot id", r, InvalidArgument));
         for (what, req, want) in cases {
             assert_eq!(code_of(CreateVolume::try_from(&req)), want, "{what}");
         }
@@ -1220,8 +1229,8 @@ mod tests {
             starting_token: "7".into(),
         };
         let l = ListVolumes::try_from(&ok).unwrap();
-        assert_eq!(l.max_entries, Some(5));
-        assert_eq!(l.starting_token.as_deref(), Some("7"));
+        assert_eq!(l.page.max_entries, Some(5));
+        assert_eq!(l.page.starting_token.as_deref(), Some("7"));
     }
 
     #[test]
@@ -1356,5 +1365,98 @@ mod tests {
             preferred: vec![other],
         };
         assert!(t.admits(&ours));
+    }
+
+    #[test]
+    fn content_sources_are_checked_and_foreign_ids_stay_not_found() {
+        use csi::volume_content_source::{SnapshotSource, Type, VolumeSource};
+        let snap = |id: &str| csi::VolumeContentSource {
+            r#type: Some(Type::Snapshot(SnapshotSource {
+                snapshot_id: id.into(),
+            })),
+        };
+        let ours = crate::ids::SnapshotId::generate();
+        let got = ContentSource::from_wire(&snap(ours.as_str())).unwrap();
+        assert_eq!(
+            got,
+            ContentSource::Snapshot(SnapshotRef::Ours(ours.clone()))
+        );
+        assert_eq!(got.to_wire(), snap(ours.as_str()));
+        // A traversal string or a volume id is not a snapshot of ours: NOT_FOUND later.
+        for foreign in ["../../etc", crate::ids::VolumeId::generate().as_str()] {
+            match ContentSource::from_wire(&snap(foreign)).unwrap() {
+                ContentSource::Snapshot(r) => {
+                    assert_eq!(r.require().unwrap_err().code(), tonic::Code::NotFound)
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        let nul = ContentSource::from_wire(&snap("sns-\0")).unwrap_err();
+        assert_eq!(nul.code(), tonic::Code::InvalidArgument);
+        let vol = csi::VolumeContentSource {
+            r#type: Some(Type::Volume(VolumeSource {
+                volume_id: String::new(),
+            })),
+        };
+        let err = ContentSource::from_wire(&vol).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("volume_content_source.volume.volume_id"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn snapshot_requests() {
+        let ok = csi::CreateSnapshotRequest {
+            source_volume_id: crate::ids::VolumeId::generate().to_string(),
+            name: "snap".into(),
+            ..Default::default()
+        };
+        assert!(CreateSnapshot::try_from(&ok).is_ok());
+        let mut meta = ok.clone();
+        meta.parameters
+            .insert("csi.storage.k8s.io/volumesnapshot/name".into(), "s".into());
+        assert!(
+            CreateSnapshot::try_from(&meta).is_ok(),
+            "snapshotter metadata"
+        );
+        let mut unknown = ok.clone();
+        unknown.parameters.insert("retention".into(), "7d".into());
+        let err = CreateSnapshot::try_from(&unknown).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert!(err.to_string().contains("retention"), "{err}");
+        let mut no_name = ok.clone();
+        no_name.name.clear();
+        assert_eq!(
+            CreateSnapshot::try_from(&no_name).unwrap_err().code(),
+            tonic::Code::InvalidArgument
+        );
+        let mut no_source = ok;
+        no_source.source_volume_id.clear();
+        let err = CreateSnapshot::try_from(&no_source).unwrap_err();
+        assert!(err.to_string().contains("source_volume_id"), "{err}");
+        for bad in ["", "a\0"] {
+            let req = csi::DeleteSnapshotRequest {
+                snapshot_id: bad.into(),
+                ..Default::default()
+            };
+            assert_eq!(
+                DeleteSnapshot::try_from(&req).unwrap_err().code(),
+                tonic::Code::InvalidArgument,
+                "{bad:?}"
+            );
+        }
+        let list = csi::ListSnapshotsRequest {
+            max_entries: -1,
+            ..Default::default()
+        };
+        assert!(ListSnapshots::try_from(&list).is_err());
+        let list = csi::ListSnapshotsRequest {
+            snapshot_id: "../x".into(),
+            ..Default::default()
+        };
+        let l = ListSnapshots::try_from(&list).unwrap();
+        assert_eq!(l.snapshot, Some(SnapshotRef::Foreign("../x".into())));
     }
 }

@@ -413,3 +413,254 @@ impl Engine {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use stowage_core::config::{PoolConfig, PoolKind};
+    use stowage_core::request::{ContentSource, CreateVolume};
+    use stowage_sys::FakeKernel;
+
+    use super::*;
+    use crate::engine::Identity;
+    use crate::pool::Pool;
+    use crate::store::Store;
+
+    /// A `dir` pool on a temporary directory: its copies are real, its kernel fake.
+    fn engine(dir: &std::path::Path) -> Engine {
+        let cfg = PoolConfig {
+            name: "default".into(),
+            kind: PoolKind::Dir,
+            path: dir.join("pool"),
+            default_size: None,
+            overcommit_ratio: None,
+            quotas: None,
+            overcommit: None,
+        };
+        let kernel = Arc::new(FakeKernel::new());
+        let pool = Pool::open(&cfg, kernel.clone()).unwrap();
+        let identity = Identity {
+            node_id: "n1".into(),
+            topology_key: "k".into(),
+        };
+        let e = Engine::new(
+            Store::open_in_memory().unwrap(),
+            vec![pool],
+            identity,
+            kernel,
+        )
+        .unwrap();
+        e.reconcile().unwrap();
+        e
+    }
+
+    fn mount_cap() -> stowage_core::request::Capability {
+        stowage_core::request::Capability {
+            access: stowage_core::request::Access::Mount(Default::default()),
+            mode: stowage_core::request::AccessMode::SingleNodeWriter,
+        }
+    }
+
+    fn create(e: &Engine, name: &str, source: Option<ContentSource>) -> Result<csi::Volume> {
+        let mut req = csi::CreateVolumeRequest {
+            name: name.into(),
+            volume_capabilities: vec![crate::engine::capability_to_wire(&mount_cap())],
+            ..Default::default()
+        };
+        req.volume_content_source = source.map(|s| s.to_wire());
+        e.create_volume(CreateVolume::try_from(&req)?)
+    }
+
+    fn snapshot(e: &Engine, name: &str, volume: &str) -> Result<csi::Snapshot> {
+        e.create_snapshot(CreateSnapshot::try_from(&csi::CreateSnapshotRequest {
+            source_volume_id: volume.into(),
+            name: name.into(),
+            ..Default::default()
+        })?)
+    }
+
+    fn snap_ref(id: &str) -> ContentSource {
+        ContentSource::Snapshot(SnapshotRef::from_request(id).unwrap())
+    }
+
+    #[test]
+    fn snapshot_restore_and_independence() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = engine(dir.path());
+        let vol = create(&e, "v", None).unwrap();
+        let root = dir.path().join("pool/volumes").join(&vol.volume_id);
+        std::fs::write(root.join("data"), b"first").unwrap();
+        let s = snapshot(&e, "s", &vol.volume_id).unwrap();
+        assert!(s.ready_to_use);
+        assert_eq!(s.source_volume_id, vol.volume_id);
+        assert_eq!(s.size_bytes, vol.capacity_bytes);
+        assert_eq!(snapshot(&e, "s", &vol.volume_id).unwrap(), s, "idempotent");
+        std::fs::write(root.join("data"), b"second").unwrap();
+
+        let restored = create(&e, "r", Some(snap_ref(&s.snapshot_id))).unwrap();
+        assert_eq!(
+            restored.capacity_bytes, s.size_bytes,
+            "the snapshot's size by default"
+        );
+        assert_eq!(
+            restored.content_source,
+            Some(snap_ref(&s.snapshot_id).to_wire())
+        );
+        let restored_root = dir.path().join("pool/volumes").join(&restored.volume_id);
+        assert_eq!(std::fs::read(restored_root.join("data")).unwrap(), b"first");
+        // Idempotent, and another source under the same name is ALREADY_EXISTS.
+        assert_eq!(
+            create(&e, "r", Some(snap_ref(&s.snapshot_id))).unwrap(),
+            restored
+        );
+        assert_eq!(
+            create(&e, "r", None).unwrap_err().code(),
+            tonic::Code::AlreadyExists
+        );
+
+        let clone = create(
+            &e,
+            "c",
+            Some(ContentSource::Volume(
+                VolumeRef::from_request(&vol.volume_id).unwrap(),
+            )),
+        )
+        .unwrap();
+        let clone_root = dir.path().join("pool/volumes").join(&clone.volume_id);
+        assert_eq!(std::fs::read(clone_root.join("data")).unwrap(), b"second");
+
+        // The snapshot outlives its volume.
+        e.delete_volume(stowage_core::request::DeleteVolume {
+            volume: VolumeRef::from_request(&vol.volume_id).unwrap(),
+        })
+        .unwrap();
+        let again = create(&e, "r2", Some(snap_ref(&s.snapshot_id))).unwrap();
+        let again_root = dir.path().join("pool/volumes").join(&again.volume_id);
+        assert_eq!(std::fs::read(again_root.join("data")).unwrap(), b"first");
+
+        let del = || DeleteSnapshot {
+            snapshot: SnapshotRef::from_request(&s.snapshot_id).unwrap(),
+        };
+        e.delete_snapshot(del()).unwrap();
+        e.delete_snapshot(del()).unwrap();
+        assert!(!dir
+            .path()
+            .join("pool/snapshots")
+            .join(&s.snapshot_id)
+            .exists());
+        assert_eq!(
+            create(&e, "r3", Some(snap_ref(&s.snapshot_id)))
+                .unwrap_err()
+                .code(),
+            tonic::Code::NotFound
+        );
+    }
+
+    #[test]
+    fn sizes_sources_and_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = engine(dir.path());
+        let a = create(&e, "a", None).unwrap();
+        let b = create(&e, "b", None).unwrap();
+        let s = snapshot(&e, "s", &a.volume_id).unwrap();
+        assert_eq!(
+            snapshot(&e, "s", &b.volume_id).unwrap_err().code(),
+            tonic::Code::AlreadyExists
+        );
+        assert_eq!(
+            snapshot(&e, "x", "stw-00000000000000000000000000000000")
+                .unwrap_err()
+                .code(),
+            tonic::Code::NotFound
+        );
+        let missing = format!("sns-{}", "0".repeat(32));
+        for id in [missing.as_str(), "../../etc"] {
+            assert_eq!(
+                create(&e, "m", Some(snap_ref(id))).unwrap_err().code(),
+                tonic::Code::NotFound,
+                "{id}"
+            );
+        }
+        // A limit below the snapshot's size cannot hold its data.
+        let mut req = csi::CreateVolumeRequest {
+            name: "small".into(),
+            capacity_range: Some(csi::CapacityRange {
+                required_bytes: 0,
+                limit_bytes: s.size_bytes - (1 << 20),
+            }),
+            volume_content_source: Some(snap_ref(&s.snapshot_id).to_wire()),
+            ..Default::default()
+        };
+        req.volume_capabilities = vec![crate::engine::capability_to_wire(&mount_cap())];
+        let err = e
+            .create_volume(CreateVolume::try_from(&req).unwrap())
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::OutOfRange, "{err}");
+        // Listing: filters and pages.
+        snapshot(&e, "s2", &b.volume_id).unwrap();
+        let list = |snapshot: Option<&str>, source: Option<&str>, max: i32, token: &str| {
+            e.list_snapshots(
+                ListSnapshots::try_from(&csi::ListSnapshotsRequest {
+                    max_entries: max,
+                    starting_token: token.into(),
+                    source_volume_id: source.unwrap_or_default().into(),
+                    snapshot_id: snapshot.unwrap_or_default().into(),
+                    ..Default::default()
+                })
+                .unwrap(),
+            )
+        };
+        assert_eq!(list(None, None, 0, "").unwrap().entries.len(), 2);
+        assert_eq!(
+            list(None, Some(&a.volume_id), 0, "").unwrap().entries.len(),
+            1
+        );
+        assert_eq!(
+            list(Some(&s.snapshot_id), None, 0, "")
+                .unwrap()
+                .entries
+                .len(),
+            1
+        );
+        assert_eq!(list(Some("../x"), None, 0, "").unwrap().entries.len(), 0);
+        let first = list(None, None, 1, "").unwrap();
+        assert_eq!(first.entries.len(), 1);
+        let rest = list(None, None, 1, &first.next_token).unwrap();
+        assert_eq!(rest.entries.len(), 1);
+        assert!(rest.next_token.is_empty());
+        assert_eq!(
+            list(None, None, 0, "1.0").unwrap_err().code(),
+            tonic::Code::Aborted
+        );
+    }
+
+    #[test]
+    fn an_interrupted_snapshot_is_removed_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = engine(dir.path());
+        let vol = create(&e, "v", None).unwrap();
+        let id = SnapshotId::generate();
+        e.store
+            .insert_snapshot(&NewSnapshot {
+                id: &id,
+                name: "half",
+                source_volume: &stowage_core::VolumeId::parse(&vol.volume_id).unwrap(),
+                pool: "default",
+                size: 1 << 20,
+                block: false,
+                fs_type: None,
+                block_size: None,
+            })
+            .unwrap();
+        let half = dir.path().join("pool/snapshots").join(id.as_str());
+        std::fs::create_dir_all(half.join("partial")).unwrap();
+        e.reconcile().unwrap();
+        assert!(!half.exists(), "the half copy is removed");
+        assert!(e.store.snapshot_by_id(&id).unwrap().is_none());
+        let got = e.get_snapshot(GetSnapshot {
+            snapshot: SnapshotRef::Ours(id),
+        });
+        assert_eq!(got.unwrap_err().code(), tonic::Code::NotFound);
+    }
+}
