@@ -149,7 +149,9 @@ impl Engine {
                 VolumeState::Creating => {}
             }
         }
-        let _volume_guard = self.claim(source_id)?;
+        // Shared: several snapshots (and clones) of one volume may be taken at once; a call
+        // that changes the volume waits its turn (ABORTED, retried by the CO).
+        let _volume_guard = self.guards.claim_shared(format!("volume {source_id}"))?;
         let (vol, pool) = self.ready_volume(&req.source)?;
         let snap = match self.store.snapshot_by_name(req.name.as_str())? {
             Some(existing) => existing,
@@ -261,7 +263,9 @@ impl Engine {
         match source {
             ContentSource::Snapshot(r) => {
                 let id = r.require()?;
-                let guard = self.claim_snapshot(id)?;
+                // Shared: many volumes may be restored from one snapshot at once; only its
+                // deletion waits.
+                let guard = self.guards.claim_shared(format!("snapshot {id}"))?;
                 let snap = self
                     .store
                     .snapshot_by_id(id)?
@@ -274,7 +278,7 @@ impl Engine {
             }
             ContentSource::Volume(r) => {
                 let id = r.require()?;
-                let guard = self.claim(id)?;
+                let guard = self.guards.claim_shared(format!("volume {id}"))?;
                 let (vol, _) = self.ready_volume(r)?;
                 Ok(Resolved {
                     record: SourceRecord::Volume(vol),

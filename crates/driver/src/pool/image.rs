@@ -52,6 +52,8 @@ pub struct ImageBackend {
     images: OwnedFd,
     /// `<path>/snapshots`, where snapshots are kept as image files, never attached.
     snapshots: OwnedFd,
+    /// Held around a clone with a staged filesystem frozen (see `snapshots`).
+    freezing: std::sync::Mutex<()>,
     images_path: PathBuf,
     /// Above 1.0: sizes may add up to this many times the pool filesystem's size.
     overcommit: Option<f64>,
@@ -102,6 +104,7 @@ impl ImageBackend {
             name: cfg.name.clone(),
             images,
             snapshots,
+            freezing: std::sync::Mutex::new(()),
             images_path,
             overcommit,
             kernel,

@@ -45,6 +45,13 @@ impl ImageBackend {
         freeze: Option<BorrowedFd<'_>>,
         what: &str,
     ) -> Result<CloneMethod> {
+        // One freeze at a time: two snapshots of one staged volume must not freeze it twice
+        // (EBUSY) nor thaw it under each other.
+        let _one = freeze.map(|_| {
+            self.freezing
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+        });
         let started = Instant::now();
         let frozen = freeze
             .map(|fs| Frozen::new(&*self.kernel, fs))
