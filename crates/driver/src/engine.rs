@@ -847,8 +847,8 @@ mod tests {
     #[test]
     fn page_tokens_are_only_ours() {
         let t = PageTokens::default();
-        let token = t.issue(42);
-        assert_eq!(t.open(&token), Some(42));
+        let token = t.issue(0, 42);
+        assert_eq!(t.open(0, &token), Some(42));
         for bad in [
             "42",
             "",
@@ -858,12 +858,14 @@ mod tests {
             "-1.0",
             "43.0000000000000000",
         ] {
-            assert_eq!(t.open(bad), None, "{bad}");
+            assert_eq!(t.open(0, bad), None, "{bad}");
         }
         let forged = format!("43.{}", token.split_once('.').unwrap().1);
-        assert_eq!(t.open(&forged), None);
+        assert_eq!(t.open(0, &forged), None);
+        // A ListVolumes token is no ListSnapshots token.
+        assert_eq!(t.open(crate::snapshots::SNAPSHOT_TOKENS, &token), None);
         assert_eq!(
-            PageTokens::default().open(&token),
+            PageTokens::default().open(0, &token),
             None,
             "a token from another instance"
         );
@@ -905,6 +907,9 @@ mod tests {
                 pvc_namespace: None,
                 pv_name: None,
                 full_allocation: false,
+                source: None,
+                fs_type: None,
+                block_size: None,
             })
             .unwrap();
         store.set_volume_state(&id, VolumeState::Ready).unwrap();

@@ -643,6 +643,7 @@ mod tests {
             fs_type: None,
             block_size: None,
             full_allocation: false,
+            source: None,
         }
     }
 

@@ -403,6 +403,7 @@ mod tests {
             fs_type: None,
             block_size: None,
             full_allocation: false,
+            source: None,
         }
     }
 

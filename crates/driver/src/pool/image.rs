@@ -729,6 +729,7 @@ mod tests {
     /// Stages `vol` with `access` onto a fresh directory under `dir`.
     fn stage(pool: &ImageBackend, vol: &VolumeRecord, access: &Access, dir: &Path) -> Result<()> {
         let target = dir.join(format!("staging-{}", uuid_like()));
+            source: None,
         std::fs::create_dir(&target).unwrap();
         let fd = sysfs::open_trusted_dir(&target).unwrap();
         let how = StageRequest {
