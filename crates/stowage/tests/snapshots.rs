@@ -850,6 +850,27 @@ async fn round_trip(kind: Kind, test: &str) {
         );
     }
 
+    if kind == Kind::Btrfs {
+        // The restore is limited to its own capacity, not its snapshot's.
+        let st = h
+            .node()
+            .await
+            .node_get_volume_stats(csi::NodeGetVolumeStatsRequest {
+                volume_id: restored.volume_id.clone(),
+                volume_path: m_r.target.display().to_string(),
+                staging_target_path: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let bytes = st
+            .usage
+            .iter()
+            .find(|u| u.unit == csi::volume_usage::Unit::Bytes as i32)
+            .unwrap();
+        assert_eq!(bytes.total, restored.capacity_bytes, "{st:?}");
+    }
+
     // A clone gets the source's contents as they are now.
     let clone = create_fs(h, "clone", source_bytes, fs, from_volume(&src.volume_id)).await;
     let m_c = stage_publish_fs(h, &clone.volume_id, "clone", fs).await;
