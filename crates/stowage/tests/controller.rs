@@ -749,6 +749,9 @@ async fn reconciliation_finishes_interrupted_creates_and_deletes() {
                     pvc_namespace: None,
                     pv_name: None,
                     full_allocation: false,
+                    source: None,
+                    fs_type: None,
+                    block_size: None,
                 })
                 .unwrap();
             let doomed_id = stowage_core::VolumeId::parse(&doomed.volume_id).unwrap();

@@ -36,6 +36,19 @@ mod snapshots;
 /// The filesystem a volume gets when the capability names none.
 pub const DEFAULT_FS: FsKind = FsKind::Ext4;
 
+/// The options a volume's filesystem is mounted with. A restore or clone carries its
+/// source's filesystem UUID, and xfs refuses to mount a filesystem whose UUID a mounted one
+/// already has ("duplicate UUID", EINVAL): a restored volume could not be staged while its
+/// source (or another restore of the same snapshot) is, nor the source after it. `nouuid`
+/// skips that check; the UUID is not otherwise used by the driver (devices are found by
+/// their image file).
+fn mount_options(kind: FsKind) -> Vec<String> {
+    match kind {
+        FsKind::Xfs => vec!["nouuid".to_owned()],
+        FsKind::Ext4 | FsKind::Btrfs => Vec::new(),
+    }
+}
+
 /// The smallest size the kernel resizes a btrfs filesystem to (BTRFS_IOC_RESIZE: EINVAL
 /// below it).
 const BTRFS_MIN_RESIZE: u64 = 256 << 20;
@@ -523,7 +536,7 @@ impl PoolBackend for ImageBackend {
             }
         }
         self.kernel
-            .mount_device(&dev, kind, &[], target, how.attrs)
+            .mount_device(&dev, kind, &mount_options(kind), target, how.attrs)
             .map_err(|e| {
                 Error::internal(
                     format!(
@@ -873,6 +886,22 @@ mod tests {
         assert_eq!(rebooted.loops().len(), 1);
         assert_eq!(rebooted.mounted().len(), 1);
         assert!(matches!(pool.mark(&vol), Ok(Mark::FilesystemOn { .. })));
+    }
+
+    #[test]
+    fn xfs_is_mounted_without_its_uuid_check() {
+        // A restore or clone carries its source's UUID: xfs would refuse to mount it next to
+        // the source.
+        let dir = tempfile::tempdir().unwrap();
+        let kernel = Arc::new(FakeKernel::new());
+        let pool = backend(&kernel, dir.path());
+        let vol = record(512 * MIB);
+        pool.create(&vol).unwrap();
+        stage(&pool, &vol, &mount("xfs"), dir.path()).unwrap();
+        assert!(kernel.calls().iter().any(|c| matches!(
+            c,
+            KernelCall::MountDevice { kind: FsKind::Xfs, options, .. } if options == &["nouuid".to_owned()]
+        )));
     }
 
     #[test]
