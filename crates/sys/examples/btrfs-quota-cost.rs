@@ -92,7 +92,7 @@ fn measure(dir: &Path, mode: &str, n: u32) {
     }
     btrfs::commit(fs).expect("commit");
     let data = open_trusted_dir(&mnt.join("data")).expect("open data");
-    btrfs::create_snapshot(fs, "snap", data.as_fd()).expect("snapshot");
+    btrfs::create_snapshot(fs, "snap", data.as_fd(), false).expect("snapshot");
     for i in (0..4000).step_by(10) {
         std::fs::write(mnt.join(format!("snap/f{i}")), vec![7u8; 16 << 10]).expect("rewrite");
     }
