@@ -140,7 +140,17 @@ async fn failing_calls_carry_the_grpc_code() {
                 10 + 3,
                 "INVALID_ARGUMENT",
             ),
-            (&["snapshot", "list"], 10 + 12, "UNIMPLEMENTED"),
+            (
+                &[
+                    "controller",
+                    "publish",
+                    "stw-00000000000000000000000000000000",
+                    "n",
+                ],
+                10 + 12,
+                "UNIMPLEMENTED",
+            ),
+            (&["snapshot", "get", "../../etc"], 10 + 5, "NOT_FOUND"),
             (
                 &["volume", "list", "--starting-token", "bogus"],
                 10 + 10,

@@ -185,7 +185,12 @@ async fn create_volume_error_codes() {
                 },
             )),
         });
-        cases.push(("content source", r, Code::InvalidArgument));
+        // Snapshots are served now: an id stowage never minted is the spec's "source does
+        // not exist".
+        cases.push(("content source never minted", r, Code::NotFound));
+        let mut r = create_req("e11", 1 << 20);
+        r.volume_content_source = Some(csi::VolumeContentSource { r#type: None });
+        cases.push(("content source naming nothing", r, Code::InvalidArgument));
         for (what, req, want) in cases {
             let got = c.create_volume(req.clone()).await;
             if let Err(s) = &got {
@@ -571,6 +576,10 @@ async fn validate_list_get_and_capacity() {
             Type::GetVolume,
             Type::VolumeCondition,
             Type::SingleNodeMultiWriter,
+            Type::CreateDeleteSnapshot,
+            Type::ListSnapshots,
+            Type::GetSnapshot,
+            Type::CloneVolume,
         ] {
             assert!(got.contains(&(want as i32)), "{want:?} missing");
         }
@@ -581,12 +590,13 @@ async fn validate_list_get_and_capacity() {
             ),
             Code::Unimplemented
         );
+        // Served: a request without a name is INVALID_ARGUMENT.
         assert_eq!(
             code(
                 c.create_snapshot(csi::CreateSnapshotRequest::default())
                     .await
             ),
-            Code::Unimplemented
+            Code::InvalidArgument
         );
         assert_eq!(
             code(
