@@ -368,7 +368,7 @@ async fn restart_with_published_volumes_and_crashes_at_each_backend_step() {
         let sid = subvolume_id(&volume_dir(&fs, &v.volume_id));
         let q = qgroups(&fs)
             .into_iter()
-            .find(|q| q.subvolume == sid)
+            .find(|q| q.id == sid)
             .expect("qgroup of the volume");
         assert_eq!(q.max_referenced, Some(4 << 20));
 

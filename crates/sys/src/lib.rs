@@ -26,7 +26,7 @@ pub mod loopdev;
 pub mod mountinfo;
 
 pub use blockfs::{DeviceContent, FsKind};
-pub use btrfs::{Qgroup, QuotaMode as BtrfsQuotaMode};
+pub use btrfs::{qgroup_id, qgroup_name, Qgroup, QuotaMode as BtrfsQuotaMode};
 pub use error::{SysError, SysResult, ToolError, ToolFailure};
 pub use fake::{FakeKernel, FakeLoop, KernelCall};
 pub use kernel::{Kernel, MountAttrs, QuotaSupport, QuotaUsage};
