@@ -190,6 +190,7 @@ mod raw {
     pub(super) const IOC_QGROUP_LIMIT: Opcode = opcode::read::<QgroupLimitArgs>(MAGIC, 43);
     pub(super) const IOC_SNAP_DESTROY_V2: Opcode = opcode::write::<VolArgsV2>(MAGIC, 63);
 
+    pub(super) const SUBVOL_QGROUP_INHERIT: u64 = 1 << 2;
     pub(super) const SUBVOL_SPEC_BY_ID: u64 = 1 << 4;
     pub(super) const QUOTA_CTL_ENABLE: u64 = 1;
     pub(super) const QUOTA_CTL_ENABLE_SIMPLE_QUOTA: u64 = 4;
@@ -250,6 +251,51 @@ pub fn create_subvolume(dir: BorrowedFd<'_>, name: &str) -> SysResult<()> {
     // SAFETY: the opcode and argument type agree (see above); `dir` is open for the call.
     unsafe { rustix::ioctl::ioctl(dir, setter) }
         .map_err(|e| ioctl_error(dir, format!("BTRFS_IOC_SUBVOL_CREATE_V2 {name:?}"), e))
+}
+
+/// Creates subvolume `name` in directory `dir` with an explicit qgroup inheritance list
+/// (BTRFS_IOC_SUBVOL_CREATE_V2 with BTRFS_SUBVOL_QGROUP_INHERIT): the new subvolume's qgroup
+/// joins exactly `qgroups` (higher-level qgroup ids; empty: none at all, which also turns off
+/// the kernel's own inheritance under simple quotas). No privilege is needed — any process
+/// that may create a subvolume may do this. The driver never does; tests use it to act as a
+/// hostile pod.
+pub fn create_subvolume_inheriting(
+    dir: BorrowedFd<'_>,
+    name: &str,
+    qgroups: &[u64],
+) -> SysResult<()> {
+    // struct btrfs_qgroup_inherit: flags, num_qgroups, num_ref_copies, num_excl_copies,
+    // struct btrfs_qgroup_limit (5 u64), then num_qgroups u64 ids.
+    const HEADER: usize = 9;
+    if qgroups.len() > 256 {
+        return Err(SysError::new(
+            "btrfs",
+            "too many qgroups to inherit",
+            Errno::INVAL,
+        ));
+    }
+    let mut inherit = vec![0u64; HEADER + qgroups.len()];
+    inherit[1] = qgroups.len() as u64;
+    inherit[HEADER..].copy_from_slice(qgroups);
+    let mut args = vol_args_named(name)?;
+    args.flags = raw::SUBVOL_QGROUP_INHERIT;
+    args.unused[0] = (inherit.len() * 8) as u64;
+    args.unused[1] = inherit.as_ptr() as u64;
+    // SAFETY: BTRFS_IOC_SUBVOL_CREATE_V2 is _IOW(0x94, 24, struct btrfs_ioctl_vol_args_v2): the
+    // kernel reads one VolArgsV2, which Setter holds, and, BTRFS_SUBVOL_QGROUP_INHERIT being
+    // set, `size` bytes at the qgroup_inherit pointer: `inherit`, exactly that long, alive
+    // and unmoved until the call returns.
+    let setter = unsafe { Setter::<{ raw::IOC_SUBVOL_CREATE_V2 }, _>::new(args) };
+    // SAFETY: the opcode and argument type agree (see above); `dir` is open for the call.
+    let r = unsafe { rustix::ioctl::ioctl(dir, setter) }.map_err(|e| {
+        ioctl_error(
+            dir,
+            format!("BTRFS_IOC_SUBVOL_CREATE_V2 {name:?} inheriting {qgroups:?}"),
+            e,
+        )
+    });
+    drop(inherit);
+    r
 }
 
 /// Makes `name` in directory `dir` a writable snapshot of the subvolume open at `source`

@@ -423,6 +423,14 @@ fn btrfs_level_1_qgroups_and_nested_subvolumes() {
         assert_eq!(parents(&q, id), vec![group]);
         let g = q.iter().find(|q| q.id == group).expect("1/id listed");
         assert_eq!((g.level(), g.max_referenced), (1, Some(4 << 20)));
+        // An explicit, empty inheritance list, which needs no privilege: outside, in both
+        // modes.
+        stowage_sys::btrfs::create_subvolume_inheriting(vol.as_fd(), "outside", &[])
+            .expect("create with an empty inheritance list");
+        let outside_dir =
+            stowage_sys::fs::open_dir_beneath(top, Path::new("vol/outside")).expect("open");
+        let outside = k.btrfs_subvolume_id(outside_dir.as_fd()).expect("id");
+        assert!(parents(&q_after(&k, top), outside).is_empty());
         if simple {
             assert_eq!(parents(&q, nested), vec![group], "simple quotas inherit");
         } else {
@@ -461,6 +469,8 @@ fn btrfs_level_1_qgroups_and_nested_subvolumes() {
             Errno::BUSY
         );
         k.btrfs_qgroup_limit(top, group, u64::MAX).expect("unlimit");
+        k.btrfs_destroy_subvolume_id(top, outside)
+            .expect("destroy outside");
         for member in [nested, id] {
             k.btrfs_qgroup_assign(top, member, group, false)
                 .expect("unassign");
@@ -483,6 +493,10 @@ fn btrfs_level_1_qgroups_and_nested_subvolumes() {
             .iter()
             .all(|q| q.id != group));
     }
+}
+
+fn q_after(k: &LinuxKernel, top: std::os::fd::BorrowedFd<'_>) -> Vec<stowage_sys::Qgroup> {
+    k.btrfs_qgroups(top).expect("qgroups")
 }
 
 fn libc_edquot() -> i32 {
