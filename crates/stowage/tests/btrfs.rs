@@ -617,7 +617,8 @@ async fn delete_everything(h: &Harness, fs: &BtrfsFs, id: &str, p: &Paths, subvo
         }
         assert!(
             Instant::now() < deadline,
-            "qgroups of destroyed subvolumes {left:?} still there after 60 s"
+            "qgroups of destroyed subvolumes {left:?} still there after 60 s: {:?}",
+            qgroups(fs)
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -744,6 +745,60 @@ async fn under_full_qgroups_nested_subvolumes_are_held_from_the_next_stats() {
             "{g:?}"
         );
         delete_everything(&h, &fs, &id, &p, &[sid, sub]).await;
+    })
+    .await;
+}
+
+/// A volume laid out by an older version (the limit on its subvolume's level-0 qgroup, no
+/// level-1 qgroup) is moved at start: the limit goes to a new level-1 qgroup, with the data
+/// already there charged, and a nested subvolume is held too.
+#[tokio::test(flavor = "multi_thread")]
+async fn start_up_moves_an_older_volume_to_its_level_1_qgroup() {
+    let test = "start_up_moves_an_older_volume_to_its_level_1_qgroup";
+    let Some(fs) = btrfs_or_skip(test) else {
+        return;
+    };
+    bounded(async {
+        let mut h = start(&fs).await;
+        let (id, p, sid) = published(&h, &fs, "older").await;
+        let group = qgroup_id(1, sid);
+        std::fs::write(p.target.join("old"), vec![3u8; 6 << 20]).unwrap();
+        h.stop();
+        // Back to the old layout, as the previous version left it.
+        let top = stowage_sys::fs::open_trusted_dir(&fs.mnt).unwrap();
+        let k = LinuxKernel;
+        k.btrfs_qgroup_assign(top.as_fd(), sid, group, false)
+            .unwrap();
+        k.btrfs_qgroup_remove(top.as_fd(), group).unwrap();
+        k.btrfs_qgroup_limit(top.as_fd(), sid, 16 << 20).unwrap();
+        let root = stowage_sys::fs::open_trusted_dir(&volume_dir(&fs, &id)).unwrap();
+        stowage_sys::btrfs::create_subvolume_inheriting(root.as_fd(), "nested", &[]).unwrap();
+        let nested = subvolume_id(&volume_dir(&fs, &id).join("nested"));
+        k.btrfs_commit(top.as_fd()).unwrap();
+        // An open directory would keep the subvolume from being dropped after deletion.
+        drop(root);
+        assert!(qgroup_of(&fs, group).is_none());
+
+        h.spawn().await;
+        assert!(
+            h.log_text().contains("moved to its own level-1 qgroup"),
+            "{}",
+            h.log_text()
+        );
+        sync_fs(&fs.mnt);
+        let g = qgroup_of(&fs, group).expect("level-1 qgroup made at start");
+        assert_eq!(g.max_referenced, Some(16 << 20));
+        assert!(g.referenced >= 6 << 20, "the old data is charged: {g:?}");
+        assert_eq!(qgroup_of(&fs, sid).unwrap().max_referenced, None);
+        assert_eq!(qgroup_of(&fs, sid).unwrap().parents, vec![group]);
+        assert_eq!(qgroup_of(&fs, nested).unwrap().parents, vec![group]);
+        // 6 MiB in the volume: about 10 more fit, in the nested subvolume.
+        let err = fill(&p.target.join("nested/fill"), 32).expect("32 MiB went into 16 MiB");
+        assert_eq!(err.raw_os_error(), Some(EDQUOT), "{err}");
+        sync_fs(&fs.mnt);
+        let g = qgroup_of(&fs, group).unwrap();
+        assert!(g.referenced <= (16 << 20) + SLACK, "{g:?}");
+        delete_everything(&h, &fs, &id, &p, &[sid, nested]).await;
     })
     .await;
 }

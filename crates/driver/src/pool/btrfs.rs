@@ -511,6 +511,35 @@ impl BtrfsBackend {
         }
     }
 
+    /// Puts the volume in the layout of this module: its level-1 qgroup exists, its
+    /// subvolume is a member, the limit is on the level-1 qgroup (moved from the level-0 one
+    /// where an older version put it, or the volume's size if there was none) and not on the
+    /// level-0 one. Each step is idempotent. Returns (whether it changed anything, whether
+    /// there was no limit at all). Does not commit.
+    fn ensure_layout(&self, vol: &VolumeRecord, sid: u64, all: &[Qgroup]) -> Result<(bool, bool)> {
+        let group = group_of(sid);
+        let group_limit = all
+            .iter()
+            .find(|q| q.id == group)
+            .and_then(|q| q.max_referenced);
+        let own_limit = all
+            .iter()
+            .find(|q| q.id == sid)
+            .and_then(|q| q.max_referenced);
+        let mut changed = self.ensure_group(vol, sid, all)?;
+        crate::crash::point("btrfs-migrate-after-group");
+        if group_limit.is_none() {
+            let limit = own_limit.unwrap_or(vol.capacity);
+            self.set_limit(vol, group, limit)?;
+            if own_limit.is_some() {
+                tracing::info!(pool = %self.name, volume = %vol.id, limit, "volume's limit moved to its own level-1 qgroup {}, which holds nested subvolumes too", qgroup_name(group));
+            }
+            changed = true;
+        }
+        changed |= self.clear_own_limit(vol, sid, all)?;
+        Ok((changed, group_limit.is_none() && own_limit.is_none()))
+    }
+
     /// Removes a limit left on the volume's level-0 qgroup by an older version (the level-1
     /// qgroup's is the one in force). Whether there was one.
     fn clear_own_limit(&self, vol: &VolumeRecord, sid: u64, all: &[Qgroup]) -> Result<bool> {
@@ -810,7 +839,7 @@ impl PoolBackend for BtrfsBackend {
         };
         let all = self.qgroups()?;
         let current = Self::limit_in_force(&all, sid);
-        let changed = self.ensure_group(vol, sid, &all)?;
+        let (changed, _) = self.ensure_layout(vol, sid, &all)?;
         self.sweep_or_warn(vol, sid);
         if capacity > vol.capacity && current.is_none_or(|limit| capacity > limit) {
             self.set_limit(vol, group_of(sid), capacity)?;
@@ -837,31 +866,12 @@ impl PoolBackend for BtrfsBackend {
         };
         self.map().insert(vol.id.as_str().to_owned(), sid);
         let all = self.qgroups()?;
-        let group = group_of(sid);
-        let group_limit = all
-            .iter()
-            .find(|q| q.id == group)
-            .and_then(|q| q.max_referenced);
-        let own_limit = all
-            .iter()
-            .find(|q| q.id == sid)
-            .and_then(|q| q.max_referenced);
-        let mut changed = self.ensure_group(vol, sid, &all)?;
-        crate::crash::point("btrfs-migrate-after-group");
-        if group_limit.is_none() {
-            let limit = own_limit.unwrap_or(vol.capacity);
-            self.set_limit(vol, group, limit)?;
-            if own_limit.is_some() {
-                tracing::info!(pool = %self.name, volume = %vol.id, limit, "volume's limit moved to its own level-1 qgroup {}, which holds nested subvolumes too", qgroup_name(group));
-            }
-            changed = true;
-        }
-        changed |= self.clear_own_limit(vol, sid, &all)?;
+        let (changed, had_none) = self.ensure_layout(vol, sid, &all)?;
         if changed {
             self.commit()?;
         }
         self.sweep(vol, sid)?;
-        Ok(group_limit.is_none() && own_limit.is_none())
+        Ok(had_none)
     }
 
     fn entry_names(&self) -> Result<Vec<String>> {
@@ -1473,6 +1483,27 @@ mod tests {
         assert_eq!(
             kernel.qgroup(group_of(bare_sid)).unwrap().max_referenced,
             Some(2 << 20)
+        );
+        // An expansion of a volume not migrated yet moves its limit too (kept, when the
+        // request does not raise it).
+        let old = record(3, 4 << 20);
+        kernel
+            .btrfs_create_subvolume(pool.volumes.as_fd(), old.id.as_str())
+            .unwrap();
+        let old_sid = pool.subvolume_of(&old.id).unwrap().unwrap();
+        kernel
+            .btrfs_qgroup_limit(pool.volumes.as_fd(), old_sid, 4 << 20)
+            .unwrap();
+        assert!(!pool.expand(&old, 4 << 20).unwrap());
+        assert_eq!(
+            kernel.qgroup(group_of(old_sid)).unwrap().max_referenced,
+            Some(4 << 20)
+        );
+        assert_eq!(kernel.qgroup(old_sid).unwrap().max_referenced, None);
+        assert!(!pool.expand(&old, 8 << 20).unwrap());
+        assert_eq!(
+            kernel.qgroup(group_of(old_sid)).unwrap().max_referenced,
+            Some(8 << 20)
         );
     }
 
