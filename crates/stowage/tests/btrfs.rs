@@ -349,51 +349,58 @@ async fn restart_with_published_volumes_and_crashes_at_each_backend_step() {
         unpublish_and_unstage(&h, &v.volume_id, &p).await;
         delete(&h, &v.volume_id).await.unwrap();
 
-        // A crash between subvolume create and qgroup limit: the restart finishes the create,
-        // and the retried CreateVolume answers the same volume, limited.
-        h.stop();
-        h.env = vec![(
-            "STOWAGE_TEST_CRASH_AT".to_owned(),
-            "btrfs-create-after-subvolume".to_owned(),
-        )];
-        h.spawn().await;
-        let mut c = h.controller().await;
-        assert_ne!(
-            code(c.create_volume(create_req("crashy", 4 << 20)).await),
-            tonic::Code::Ok
-        );
-        assert!(h.await_crash(), "no abort at btrfs-create-after-subvolume");
-        h.env.clear();
-        h.spawn().await;
-        let mut c = h.controller().await;
-        let v = create_volume(&mut c, "crashy", 4 << 20).await;
-        let sid = subvolume_id(&volume_dir(&fs, &v.volume_id));
-        let q = qgroups(&fs)
-            .into_iter()
-            .find(|q| q.id == qgroup_id(1, sid))
-            .expect("level-1 qgroup of the volume");
-        assert_eq!(q.max_referenced, Some(4 << 20));
+        // A crash at each step of create (after the subvolume, after the level-1 qgroup):
+        // the retried CreateVolume answers the same volume, limited. Then at each step of
+        // delete (limit lifted, subvolumes destroyed): a retried DeleteVolume finishes, and
+        // the level-1 qgroup goes too (the pending list).
+        let steps = [
+            ("btrfs-create-after-subvolume", "btrfs-delete-after-unlimit"),
+            ("btrfs-create-after-group", "btrfs-delete-after-destroy"),
+        ];
+        for (create_point, delete_point) in steps {
+            h.stop();
+            h.env = vec![("STOWAGE_TEST_CRASH_AT".to_owned(), create_point.to_owned())];
+            h.spawn().await;
+            let mut c = h.controller().await;
+            let name = format!("crashy-{create_point}");
+            assert_ne!(
+                code(c.create_volume(create_req(&name, 4 << 20)).await),
+                tonic::Code::Ok
+            );
+            assert!(h.await_crash(), "no abort at {create_point}");
+            h.env.clear();
+            h.spawn().await;
+            let mut c = h.controller().await;
+            let v = create_volume(&mut c, &name, 4 << 20).await;
+            let sid = subvolume_id(&volume_dir(&fs, &v.volume_id));
+            let q = qgroups(&fs)
+                .into_iter()
+                .find(|q| q.id == qgroup_id(1, sid))
+                .expect("level-1 qgroup of the volume");
+            assert_eq!(q.max_referenced, Some(4 << 20), "{create_point}");
+            assert!(
+                qgroups(&fs)
+                    .iter()
+                    .any(|q| q.id == sid && q.parents == vec![qgroup_id(1, sid)]),
+                "{create_point}"
+            );
 
-        // A crash between destroy and record: the restart forgets the volume; a retried
-        // delete is OK.
-        h.stop();
-        h.env = vec![(
-            "STOWAGE_TEST_CRASH_AT".to_owned(),
-            "btrfs-delete-after-destroy".to_owned(),
-        )];
-        h.spawn().await;
-        assert_ne!(delete(&h, &v.volume_id).await.err().map(|s| s.code()), None);
-        assert!(h.await_crash(), "no abort at btrfs-delete-after-destroy");
-        h.env.clear();
-        h.spawn().await;
-        assert!(!volume_dir(&fs, &v.volume_id).exists());
-        delete(&h, &v.volume_id).await.unwrap();
-        // The level-1 qgroup the crash left is removed (the pending list).
-        assert!(
-            qgroups(&fs).iter().all(|q| q.id != qgroup_id(1, sid)),
-            "{:?}",
-            qgroups(&fs)
-        );
+            h.stop();
+            h.env = vec![("STOWAGE_TEST_CRASH_AT".to_owned(), delete_point.to_owned())];
+            h.spawn().await;
+            assert_ne!(delete(&h, &v.volume_id).await.err().map(|s| s.code()), None);
+            assert!(h.await_crash(), "no abort at {delete_point}");
+            h.env.clear();
+            h.spawn().await;
+            delete(&h, &v.volume_id).await.unwrap();
+            assert!(!volume_dir(&fs, &v.volume_id).exists(), "{delete_point}");
+            delete(&h, &v.volume_id).await.unwrap();
+            assert!(
+                qgroups(&fs).iter().all(|q| q.id != qgroup_id(1, sid)),
+                "{delete_point}: {:?}",
+                qgroups(&fs)
+            );
+        }
         let listed = h
             .controller()
             .await
