@@ -1,6 +1,9 @@
 //! btrfs ioctls on directory fds, for the `btrfs` pool: subvolumes (create, destroy by name
 //! or by id, id of an fd, children of a subvolume) and quotas (enable, status, qgroup
-//! create/remove/limit, the quota tree's counters).
+//! create/remove/limit/assign, the quota tree's counters and relations).
+//!
+//! A qgroup id is `level << 48 | id` as the kernel has it: a subvolume's level-0 qgroup id
+//! is the subvolume id itself; [`qgroup_id`] makes a higher level's.
 //!
 //! Struct layouts and ioctl numbers are the kernel's uapi (`linux/btrfs.h`,
 //! `linux/btrfs_tree.h`); each layout is checked by size at compile time. Items read with
@@ -39,17 +42,39 @@ pub enum QuotaMode {
     Simple,
 }
 
-/// One level-0 qgroup: the counters and the referenced-bytes limit of one subvolume.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// The id of qgroup `<level>/<id>` (`level << 48 | id`); level 0 is a subvolume's own.
+#[must_use]
+pub const fn qgroup_id(level: u16, id: u64) -> u64 {
+    ((level as u64) << 48) | (id & ((1 << 48) - 1))
+}
+
+/// `<level>/<id>` of qgroup id `qgroup`, as `btrfs qgroup show` writes it.
+#[must_use]
+pub fn qgroup_name(qgroup: u64) -> String {
+    format!("{}/{}", qgroup >> 48, qgroup & ((1 << 48) - 1))
+}
+
+/// One qgroup: its counters, its referenced-bytes limit and the qgroups it is a member of.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Qgroup {
-    /// The subvolume id (qgroup `0/<id>`).
-    pub subvolume: u64,
-    /// Bytes referenced by the subvolume.
+    /// The qgroup id (`level << 48 | id`; for level 0, the subvolume id).
+    pub id: u64,
+    /// Bytes referenced by the qgroup (for a higher level: by its members together).
     pub referenced: u64,
     /// Bytes only it references.
     pub exclusive: u64,
     /// Limit on `referenced` (None: no limit).
     pub max_referenced: Option<u64>,
+    /// Ids of the qgroups it is a member of.
+    pub parents: Vec<u64>,
+}
+
+impl Qgroup {
+    /// The qgroup's level (0: a subvolume's own).
+    #[must_use]
+    pub fn level(&self) -> u16 {
+        (self.id >> 48) as u16
+    }
 }
 
 /// Kernel ABI of `linux/btrfs.h` and `linux/btrfs_tree.h`.
@@ -124,6 +149,15 @@ mod raw {
         pub(super) qgroupid: u64,
     }
 
+    /// `struct btrfs_ioctl_qgroup_assign_args`.
+    #[repr(C)]
+    #[derive(Debug, Default)]
+    pub(super) struct QgroupAssignArgs {
+        pub(super) assign: u64,
+        pub(super) src: u64,
+        pub(super) dst: u64,
+    }
+
     /// `struct btrfs_ioctl_qgroup_limit_args` with its `struct btrfs_qgroup_limit` inline.
     #[repr(C)]
     #[derive(Debug, Default)]
@@ -143,17 +177,20 @@ mod raw {
     const _: () = assert!(size_of::<QuotaCtlArgs>() == 16);
     const _: () = assert!(size_of::<QgroupCreateArgs>() == 16);
     const _: () = assert!(size_of::<QgroupLimitArgs>() == 48);
+    const _: () = assert!(size_of::<QgroupAssignArgs>() == 24);
 
     pub(super) const IOC_TREE_SEARCH: Opcode = opcode::read_write::<SearchArgs>(MAGIC, 17);
     pub(super) const IOC_INO_LOOKUP: Opcode = opcode::read_write::<InoLookupArgs>(MAGIC, 18);
     pub(super) const IOC_SNAP_CREATE_V2: Opcode = opcode::write::<VolArgsV2>(MAGIC, 23);
     pub(super) const IOC_SUBVOL_CREATE_V2: Opcode = opcode::write::<VolArgsV2>(MAGIC, 24);
     pub(super) const IOC_QUOTA_CTL: Opcode = opcode::read_write::<QuotaCtlArgs>(MAGIC, 40);
+    pub(super) const IOC_QGROUP_ASSIGN: Opcode = opcode::write::<QgroupAssignArgs>(MAGIC, 41);
     pub(super) const IOC_QGROUP_CREATE: Opcode = opcode::write::<QgroupCreateArgs>(MAGIC, 42);
     // The uapi declares it _IOR although the kernel only reads the argument.
     pub(super) const IOC_QGROUP_LIMIT: Opcode = opcode::read::<QgroupLimitArgs>(MAGIC, 43);
     pub(super) const IOC_SNAP_DESTROY_V2: Opcode = opcode::write::<VolArgsV2>(MAGIC, 63);
 
+    pub(super) const SUBVOL_QGROUP_INHERIT: u64 = 1 << 2;
     pub(super) const SUBVOL_SPEC_BY_ID: u64 = 1 << 4;
     /// BTRFS_SUBVOL_RDONLY: the new snapshot is read-only.
     pub(super) const SUBVOL_RDONLY: u64 = 1 << 1;
@@ -167,6 +204,7 @@ mod raw {
     pub(super) const QGROUP_STATUS_KEY: u32 = 240;
     pub(super) const QGROUP_INFO_KEY: u32 = 242;
     pub(super) const QGROUP_LIMIT_KEY: u32 = 244;
+    pub(super) const QGROUP_RELATION_KEY: u32 = 246;
 
     pub(super) const QGROUP_STATUS_FLAG_ON: u64 = 1;
     pub(super) const QGROUP_STATUS_FLAG_INCONSISTENT: u64 = 1 << 2;
@@ -215,6 +253,51 @@ pub fn create_subvolume(dir: BorrowedFd<'_>, name: &str) -> SysResult<()> {
     // SAFETY: the opcode and argument type agree (see above); `dir` is open for the call.
     unsafe { rustix::ioctl::ioctl(dir, setter) }
         .map_err(|e| ioctl_error(dir, format!("BTRFS_IOC_SUBVOL_CREATE_V2 {name:?}"), e))
+}
+
+/// Creates subvolume `name` in directory `dir` with an explicit qgroup inheritance list
+/// (BTRFS_IOC_SUBVOL_CREATE_V2 with BTRFS_SUBVOL_QGROUP_INHERIT): the new subvolume's qgroup
+/// joins exactly `qgroups` (higher-level qgroup ids; empty: none at all, which also turns off
+/// the kernel's own inheritance under simple quotas). No privilege is needed — any process
+/// that may create a subvolume may do this. The driver never does; tests use it to act as a
+/// hostile pod.
+pub fn create_subvolume_inheriting(
+    dir: BorrowedFd<'_>,
+    name: &str,
+    qgroups: &[u64],
+) -> SysResult<()> {
+    // struct btrfs_qgroup_inherit: flags, num_qgroups, num_ref_copies, num_excl_copies,
+    // struct btrfs_qgroup_limit (5 u64), then num_qgroups u64 ids.
+    const HEADER: usize = 9;
+    if qgroups.len() > 256 {
+        return Err(SysError::new(
+            "btrfs",
+            "too many qgroups to inherit",
+            Errno::INVAL,
+        ));
+    }
+    let mut inherit = vec![0u64; HEADER + qgroups.len()];
+    inherit[1] = qgroups.len() as u64;
+    inherit[HEADER..].copy_from_slice(qgroups);
+    let mut args = vol_args_named(name)?;
+    args.flags = raw::SUBVOL_QGROUP_INHERIT;
+    args.unused[0] = (inherit.len() * 8) as u64;
+    args.unused[1] = inherit.as_ptr() as u64;
+    // SAFETY: BTRFS_IOC_SUBVOL_CREATE_V2 is _IOW(0x94, 24, struct btrfs_ioctl_vol_args_v2): the
+    // kernel reads one VolArgsV2, which Setter holds, and, BTRFS_SUBVOL_QGROUP_INHERIT being
+    // set, `size` bytes at the qgroup_inherit pointer: `inherit`, exactly that long, alive
+    // and unmoved until the call returns.
+    let setter = unsafe { Setter::<{ raw::IOC_SUBVOL_CREATE_V2 }, _>::new(args) };
+    // SAFETY: the opcode and argument type agree (see above); `dir` is open for the call.
+    let r = unsafe { rustix::ioctl::ioctl(dir, setter) }.map_err(|e| {
+        ioctl_error(
+            dir,
+            format!("BTRFS_IOC_SUBVOL_CREATE_V2 {name:?} inheriting {qgroups:?}"),
+            e,
+        )
+    });
+    drop(inherit);
+    r
 }
 
 /// Makes `name` in directory `dir` a snapshot of the subvolume open at `source`
@@ -404,13 +487,14 @@ pub fn child_subvolumes(fs: BorrowedFd<'_>, parent: u64) -> SysResult<Vec<u64>> 
         .collect())
 }
 
-/// Items of the quota tree; none (not an error) when quotas are off.
+/// Items of the quota tree (status, info and limit items under objectid 0, relation items
+/// under the qgroup ids); none (not an error) when quotas are off.
 fn quota_items(fs: BorrowedFd<'_>) -> SysResult<Vec<Item>> {
     match tree_search(
         fs,
         raw::QUOTA_TREE_OBJECTID,
         (0, raw::QGROUP_STATUS_KEY, 0),
-        (0, raw::QGROUP_LIMIT_KEY, u64::MAX),
+        (u64::MAX, raw::QGROUP_RELATION_KEY, u64::MAX),
     ) {
         // No quota tree: quotas were never enabled, or were disabled.
         Err(e) if e.errno == Errno::NOENT => Ok(Vec::new()),
@@ -440,24 +524,29 @@ pub fn quota_mode(fs: BorrowedFd<'_>) -> SysResult<QuotaMode> {
     })
 }
 
-/// Every level-0 qgroup of the filesystem holding `fs` (its info and limit items), by
-/// subvolume id. Empty when quotas are off.
+/// Every qgroup of the filesystem holding `fs` (its info and limit items, and the qgroups it
+/// is a member of), by qgroup id. Empty when quotas are off.
 pub fn qgroups(fs: BorrowedFd<'_>) -> SysResult<Vec<Qgroup>> {
     let mut out: Vec<Qgroup> = Vec::new();
+    let mut relations = Vec::new();
     for item in quota_items(fs)? {
-        // Level-0 qgroup ids are the subvolume id; higher levels carry the level in the top
-        // 16 bits.
-        if item.objectid != 0 || item.offset >> 48 != 0 {
+        if item.kind == raw::QGROUP_RELATION_KEY {
+            // Stored both ways; the member's id is the lower one (a lower level).
+            if item.objectid < item.offset {
+                relations.push((item.objectid, item.offset));
+            }
             continue;
         }
-        let entry = match out.iter_mut().find(|q| q.subvolume == item.offset) {
-            Some(q) => q,
+        if item.objectid != 0
+            || (item.kind != raw::QGROUP_INFO_KEY && item.kind != raw::QGROUP_LIMIT_KEY)
+        {
+            continue;
+        }
+        let entry = match out.iter_mut().position(|q| q.id == item.offset) {
+            Some(i) => &mut out[i],
             None => {
-                if item.kind != raw::QGROUP_INFO_KEY && item.kind != raw::QGROUP_LIMIT_KEY {
-                    continue;
-                }
                 out.push(Qgroup {
-                    subvolume: item.offset,
+                    id: item.offset,
                     ..Qgroup::default()
                 });
                 out.last_mut().expect("just pushed")
@@ -470,12 +559,16 @@ pub fn qgroups(fs: BorrowedFd<'_>) -> SysResult<Vec<Qgroup>> {
                 entry.exclusive = le64(&item.data, 24);
             }
             // btrfs_qgroup_limit_item: flags, max_rfer, max_excl, rsv_rfer, rsv_excl.
-            raw::QGROUP_LIMIT_KEY => {
+            _ => {
                 let flags = le64(&item.data, 0);
                 entry.max_referenced =
                     (flags & raw::QGROUP_LIMIT_MAX_RFER != 0).then(|| le64(&item.data, 8));
             }
-            _ => {}
+        }
+    }
+    for (member, parent) in relations {
+        if let Some(q) = out.iter_mut().find(|q| q.id == member) {
+            q.parents.push(parent);
         }
     }
     Ok(out)
@@ -504,11 +597,13 @@ pub fn enable_quota(fs: BorrowedFd<'_>, simple: bool) -> SysResult<()> {
     })
 }
 
-/// Creates (`create`) or removes the level-0 qgroup of `subvolume` (BTRFS_IOC_QGROUP_CREATE).
-pub fn qgroup_create(fs: BorrowedFd<'_>, subvolume: u64, create: bool) -> SysResult<()> {
+/// Creates (`create`) or removes qgroup `qgroup` (an id of [`qgroup_id`]; a subvolume id is
+/// its level-0 qgroup) (BTRFS_IOC_QGROUP_CREATE). Removal is EBUSY while the qgroup has
+/// members, or (level 0) while its subvolume exists.
+pub fn qgroup_create(fs: BorrowedFd<'_>, qgroup: u64, create: bool) -> SysResult<()> {
     let args = raw::QgroupCreateArgs {
         create: u64::from(create),
-        qgroupid: subvolume,
+        qgroupid: qgroup,
     };
     // SAFETY: BTRFS_IOC_QGROUP_CREATE is _IOW(0x94, 42, struct btrfs_ioctl_qgroup_create_args):
     // the kernel reads one QgroupCreateArgs, which Setter holds.
@@ -518,17 +613,51 @@ pub fn qgroup_create(fs: BorrowedFd<'_>, subvolume: u64, create: bool) -> SysRes
         let op = if create { "create" } else { "remove" };
         ioctl_error(
             fs,
-            format!("BTRFS_IOC_QGROUP_CREATE ({op}) qgroup 0/{subvolume}"),
+            format!(
+                "BTRFS_IOC_QGROUP_CREATE ({op}) qgroup {}",
+                qgroup_name(qgroup)
+            ),
             e,
         )
     })
 }
 
-/// Sets the referenced-bytes limit of qgroup `0/<subvolume>` (BTRFS_IOC_QGROUP_LIMIT,
-/// max_rfer); other limits of the qgroup are left as they are.
-pub fn qgroup_limit(fs: BorrowedFd<'_>, subvolume: u64, max_referenced: u64) -> SysResult<()> {
+/// Makes qgroup `member` a member of qgroup `parent` (`assign`), or no longer one
+/// (BTRFS_IOC_QGROUP_ASSIGN). The parent's counters take (or give back) the member's at once
+/// when the member's data is all exclusive; otherwise the kernel marks the counters
+/// inconsistent until a rescan. EEXIST when already a member, ENOENT when either qgroup is
+/// missing (or, unassigning, when it was not a member).
+pub fn qgroup_assign(fs: BorrowedFd<'_>, member: u64, parent: u64, assign: bool) -> SysResult<()> {
+    let args = raw::QgroupAssignArgs {
+        assign: u64::from(assign),
+        src: member,
+        dst: parent,
+    };
+    // SAFETY: BTRFS_IOC_QGROUP_ASSIGN is _IOW(0x94, 41, struct btrfs_ioctl_qgroup_assign_args):
+    // the kernel reads one QgroupAssignArgs (24 bytes, layout checked above), which Setter
+    // holds.
+    let setter = unsafe { Setter::<{ raw::IOC_QGROUP_ASSIGN }, _>::new(args) };
+    // SAFETY: the opcode and argument type agree (see above); `fs` is open for the call.
+    unsafe { rustix::ioctl::ioctl(fs, setter) }.map_err(|e| {
+        let op = if assign { "assign" } else { "remove" };
+        ioctl_error(
+            fs,
+            format!(
+                "BTRFS_IOC_QGROUP_ASSIGN ({op}) {} in {}",
+                qgroup_name(member),
+                qgroup_name(parent)
+            ),
+            e,
+        )
+    })
+}
+
+/// Sets the referenced-bytes limit of qgroup `qgroup` (BTRFS_IOC_QGROUP_LIMIT, max_rfer); other
+/// limits of the qgroup are left as they are. `u64::MAX` removes the limit (the kernel's
+/// CLEAR_VALUE).
+pub fn qgroup_limit(fs: BorrowedFd<'_>, qgroup: u64, max_referenced: u64) -> SysResult<()> {
     let mut args = raw::QgroupLimitArgs {
-        qgroupid: subvolume,
+        qgroupid: qgroup,
         flags: raw::QGROUP_LIMIT_MAX_RFER,
         max_rfer: max_referenced,
         ..raw::QgroupLimitArgs::default()
@@ -542,7 +671,10 @@ pub fn qgroup_limit(fs: BorrowedFd<'_>, subvolume: u64, max_referenced: u64) -> 
     unsafe { rustix::ioctl::ioctl(fs, updater) }.map_err(|e| {
         ioctl_error(
             fs,
-            format!("BTRFS_IOC_QGROUP_LIMIT qgroup 0/{subvolume} max_rfer {max_referenced}"),
+            format!(
+                "BTRFS_IOC_QGROUP_LIMIT qgroup {} max_rfer {max_referenced}",
+                qgroup_name(qgroup)
+            ),
             e,
         )
     })
@@ -568,7 +700,21 @@ mod tests {
         assert_eq!(raw::IOC_INO_LOOKUP as u64, 0xd000_9412);
         assert_eq!(raw::IOC_QUOTA_CTL as u64, 0xc010_9428);
         assert_eq!(raw::IOC_QGROUP_CREATE as u64, 0x4010_942a);
+        assert_eq!(raw::IOC_QGROUP_ASSIGN as u64, 0x4018_9429);
         assert_eq!(raw::IOC_QGROUP_LIMIT as u64, 0x8030_942b);
+    }
+
+    #[test]
+    fn qgroup_ids_carry_the_level_in_the_top_16_bits() {
+        assert_eq!(qgroup_id(0, 257), 257);
+        assert_eq!(qgroup_id(1, 257), (1 << 48) | 257);
+        assert_eq!(qgroup_name(qgroup_id(1, 257)), "1/257");
+        assert_eq!(qgroup_name(5), "0/5");
+        let q = Qgroup {
+            id: qgroup_id(1, 9),
+            ..Qgroup::default()
+        };
+        assert_eq!(q.level(), 1);
     }
 
     #[test]

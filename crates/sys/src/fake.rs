@@ -10,7 +10,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use rustix::fs::{AtFlags, StatxFlags, CWD};
 use rustix::io::Errno;
 
-use crate::btrfs::{Qgroup, QuotaMode, TOP_LEVEL_SUBVOLUME};
+use crate::btrfs::{qgroup_name, Qgroup, QuotaMode, TOP_LEVEL_SUBVOLUME};
 use crate::fs::{file_info, InodeId};
 use crate::{
     blockfs, FsKind, Kernel, LoopDevice, LoopOptions, MountAttrs, QuotaSupport, QuotaUsage,
@@ -103,13 +103,18 @@ pub enum KernelCall {
         simple: bool,
     },
     BtrfsQgroupCreate {
-        subvolume: u64,
+        qgroup: u64,
     },
     BtrfsQgroupRemove {
-        subvolume: u64,
+        qgroup: u64,
+    },
+    BtrfsQgroupAssign {
+        member: u64,
+        parent: u64,
+        assign: bool,
     },
     BtrfsQgroupLimit {
-        subvolume: u64,
+        qgroup: u64,
         bytes: u64,
     },
     BtrfsQgroups,
@@ -127,7 +132,7 @@ pub enum KernelCall {
 /// return a `SysResult`.
 /// `make_fs` and `grow_fs` fail with a [`ToolError`] whose failure is
 /// `ToolFailure::Spawn(errno)`.
-const FAILABLE: [&str; 28] = [
+const FAILABLE: [&str; 30] = [
     "set_project_id",
     "project_id",
     "set_project_limit",
@@ -143,6 +148,7 @@ const FAILABLE: [&str; 28] = [
     "make_fs",
     "grow_fs",
     "btrfs_create_subvolume",
+    "btrfs_snapshot",
     "btrfs_destroy_subvolume",
     "btrfs_destroy_subvolume_id",
     "btrfs_subvolume_id",
@@ -151,6 +157,7 @@ const FAILABLE: [&str; 28] = [
     "btrfs_enable_quota",
     "btrfs_qgroup_create",
     "btrfs_qgroup_remove",
+    "btrfs_qgroup_assign",
     "btrfs_qgroup_limit",
     "btrfs_qgroups",
     "btrfs_commit",
@@ -178,8 +185,12 @@ const FAILABLE: [&str; 28] = [
 /// - btrfs subvolumes are plain directories made with mkdirat, known by inode, with ids
 ///   from 256 up; a subvolume's parent is the subvolume whose root directory it was made in
 ///   (top level, 5, otherwise). With quotas on, a new subvolume gets its qgroup, as the
-///   kernel does; a destroyed one keeps it until removed. Removing the qgroup of a live
-///   subvolume is EBUSY, as on Linux 6.8 and later. The quota mode starts `Off`.
+///   kernel does; under simple quotas that qgroup is made a member of the qgroups its parent
+///   subvolume's qgroup is a member of (the kernel's auto-inheritance, Linux 6.7 and later;
+///   full qgroups do not do it). A destroyed subvolume keeps its qgroup until removed.
+///   Removing the qgroup of a live subvolume, or one with members, is EBUSY, as on Linux 6.8
+///   and later. Counters are what the test sets ([`FakeKernel::set_qgroup_referenced`]); a
+///   higher level's are not summed. The quota mode starts `Off`.
 /// - Freezing marks the filesystem (the device of the fd's inode) frozen; nothing blocks.
 ///   Freezing a frozen one is EBUSY and thawing one not frozen answers `false`, as the
 ///   kernel does.
@@ -279,10 +290,21 @@ impl FakeKernel {
             name: name.to_owned(),
         });
         if state.btrfs_quota.is_some_and(|m| m != QuotaMode::Off)
-            && state.qgroups.iter().all(|q| q.subvolume != id)
+            && state.qgroups.iter().all(|q| q.id != id)
         {
+            let parents = if state.btrfs_quota == Some(QuotaMode::Simple) {
+                state
+                    .qgroups
+                    .iter()
+                    .find(|q| q.id == parent)
+                    .map(|q| q.parents.clone())
+                    .unwrap_or_default()
+            } else {
+                Vec::new()
+            };
             state.qgroups.push(Qgroup {
-                subvolume: id,
+                id,
+                parents,
                 ..Qgroup::default()
             });
         }
@@ -368,26 +390,39 @@ impl FakeKernel {
         self.state().btrfs_quota = Some(mode);
     }
 
-    /// Sets the referenced bytes of qgroup `0/<subvolume>` (created if missing).
-    pub fn set_qgroup_referenced(&self, subvolume: u64, bytes: u64) {
+    /// Sets the referenced bytes of qgroup `qgroup` (created if missing).
+    pub fn set_qgroup_referenced(&self, qgroup: u64, bytes: u64) {
         let mut state = self.state();
-        match state.qgroups.iter_mut().find(|q| q.subvolume == subvolume) {
+        match state.qgroups.iter_mut().find(|q| q.id == qgroup) {
             Some(q) => q.referenced = bytes,
             None => state.qgroups.push(Qgroup {
-                subvolume,
+                id: qgroup,
                 referenced: bytes,
                 ..Qgroup::default()
             }),
         }
     }
 
-    /// The qgroup of `subvolume`, if it exists.
-    pub fn qgroup(&self, subvolume: u64) -> Option<Qgroup> {
+    /// Makes `parents` the qgroups `qgroup` is a member of, as a subvolume created with an
+    /// explicit qgroup inheritance list would have (no check that they exist).
+    pub fn set_qgroup_parents(&self, qgroup: u64, parents: Vec<u64>) {
+        if let Some(q) = self.state().qgroups.iter_mut().find(|q| q.id == qgroup) {
+            q.parents = parents;
+        }
+    }
+
+    /// Qgroup `qgroup` (a subvolume id for its level-0 one), if it exists.
+    pub fn qgroup(&self, qgroup: u64) -> Option<Qgroup> {
         self.state()
             .qgroups
             .iter()
-            .find(|q| q.subvolume == subvolume)
-            .copied()
+            .find(|q| q.id == qgroup)
+            .cloned()
+    }
+
+    /// Ids of every qgroup, of every level.
+    pub fn qgroup_ids(&self) -> Vec<u64> {
+        self.state().qgroups.iter().map(|q| q.id).collect()
     }
 
     /// Ids of the live fake subvolumes.
@@ -757,9 +792,9 @@ impl Kernel for FakeKernel {
             });
             let ids: Vec<u64> = state.subvolumes.iter().map(|s| s.id).collect();
             for id in ids {
-                if state.qgroups.iter().all(|q| q.subvolume != id) {
+                if state.qgroups.iter().all(|q| q.id != id) {
                     state.qgroups.push(Qgroup {
-                        subvolume: id,
+                        id,
                         ..Qgroup::default()
                     });
                 }
@@ -768,8 +803,8 @@ impl Kernel for FakeKernel {
         Ok(())
     }
 
-    fn btrfs_qgroup_create(&self, _fs: BorrowedFd<'_>, subvolume: u64) -> SysResult<()> {
-        let call = KernelCall::BtrfsQgroupCreate { subvolume };
+    fn btrfs_qgroup_create(&self, _fs: BorrowedFd<'_>, qgroup: u64) -> SysResult<()> {
+        let call = KernelCall::BtrfsQgroupCreate { qgroup };
         let mut state = self.enter(call, "btrfs_qgroup_create")?;
         if state.btrfs_quota.is_none_or(|m| m == QuotaMode::Off) {
             return Err(SysError::new(
@@ -778,53 +813,95 @@ impl Kernel for FakeKernel {
                 Errno::NOTCONN,
             ));
         }
-        if state.qgroups.iter().any(|q| q.subvolume == subvolume) {
+        if state.qgroups.iter().any(|q| q.id == qgroup) {
             return Err(SysError::new(
                 "fake btrfs",
-                format!("qgroup 0/{subvolume}"),
+                format!("qgroup {}", qgroup_name(qgroup)),
                 Errno::EXIST,
             ));
         }
         state.qgroups.push(Qgroup {
-            subvolume,
+            id: qgroup,
             ..Qgroup::default()
         });
         Ok(())
     }
 
-    fn btrfs_qgroup_remove(&self, _fs: BorrowedFd<'_>, subvolume: u64) -> SysResult<()> {
-        let call = KernelCall::BtrfsQgroupRemove { subvolume };
+    fn btrfs_qgroup_remove(&self, _fs: BorrowedFd<'_>, qgroup: u64) -> SysResult<()> {
+        let call = KernelCall::BtrfsQgroupRemove { qgroup };
         let mut state = self.enter(call, "btrfs_qgroup_remove")?;
-        if state.subvolumes.iter().any(|s| s.id == subvolume) {
+        if state.subvolumes.iter().any(|s| s.id == qgroup) {
             return Err(SysError::new(
                 "fake btrfs",
-                format!("qgroup 0/{subvolume}: subvolume exists"),
+                format!("qgroup {}: subvolume exists", qgroup_name(qgroup)),
+                Errno::BUSY,
+            ));
+        }
+        if state.qgroups.iter().any(|q| q.parents.contains(&qgroup)) {
+            return Err(SysError::new(
+                "fake btrfs",
+                format!("qgroup {}: has members", qgroup_name(qgroup)),
                 Errno::BUSY,
             ));
         }
         let before = state.qgroups.len();
-        state.qgroups.retain(|q| q.subvolume != subvolume);
+        state.qgroups.retain(|q| q.id != qgroup);
         if state.qgroups.len() == before {
             return Err(SysError::new(
                 "fake btrfs",
-                format!("qgroup 0/{subvolume}"),
+                format!("qgroup {}", qgroup_name(qgroup)),
                 Errno::NOENT,
             ));
         }
         Ok(())
     }
 
-    fn btrfs_qgroup_limit(&self, _fs: BorrowedFd<'_>, subvolume: u64, bytes: u64) -> SysResult<()> {
-        let call = KernelCall::BtrfsQgroupLimit { subvolume, bytes };
+    fn btrfs_qgroup_assign(
+        &self,
+        _fs: BorrowedFd<'_>,
+        member: u64,
+        parent: u64,
+        assign: bool,
+    ) -> SysResult<()> {
+        let call = KernelCall::BtrfsQgroupAssign {
+            member,
+            parent,
+            assign,
+        };
+        let mut state = self.enter(call, "btrfs_qgroup_assign")?;
+        let what = format!("{} in {}", qgroup_name(member), qgroup_name(parent));
+        if !state.qgroups.iter().any(|q| q.id == parent) {
+            return Err(SysError::new("fake btrfs", what, Errno::NOENT));
+        }
+        let Some(q) = state.qgroups.iter_mut().find(|q| q.id == member) else {
+            return Err(SysError::new("fake btrfs", what, Errno::NOENT));
+        };
+        let at = q.parents.iter().position(|p| *p == parent);
+        match (assign, at) {
+            (true, Some(_)) => Err(SysError::new("fake btrfs", what, Errno::EXIST)),
+            (true, None) => {
+                q.parents.push(parent);
+                Ok(())
+            }
+            (false, Some(i)) => {
+                q.parents.remove(i);
+                Ok(())
+            }
+            (false, None) => Err(SysError::new("fake btrfs", what, Errno::NOENT)),
+        }
+    }
+
+    fn btrfs_qgroup_limit(&self, _fs: BorrowedFd<'_>, qgroup: u64, bytes: u64) -> SysResult<()> {
+        let call = KernelCall::BtrfsQgroupLimit { qgroup, bytes };
         let mut state = self.enter(call, "btrfs_qgroup_limit")?;
-        match state.qgroups.iter_mut().find(|q| q.subvolume == subvolume) {
+        match state.qgroups.iter_mut().find(|q| q.id == qgroup) {
             Some(q) => {
-                q.max_referenced = Some(bytes);
+                q.max_referenced = (bytes != u64::MAX).then_some(bytes);
                 Ok(())
             }
             None => Err(SysError::new(
                 "fake btrfs",
-                format!("qgroup 0/{subvolume}"),
+                format!("qgroup {}", qgroup_name(qgroup)),
                 Errno::NOENT,
             )),
         }

@@ -211,17 +211,30 @@ pub trait Kernel: Send + Sync + Debug + 'static {
     /// Turns quotas on (simple quotas when `simple`); quotas already on stay as they are.
     fn btrfs_enable_quota(&self, fs: BorrowedFd<'_>, simple: bool) -> SysResult<()>;
 
-    /// Creates the level-0 qgroup of `subvolume` (EEXIST when it exists).
-    fn btrfs_qgroup_create(&self, fs: BorrowedFd<'_>, subvolume: u64) -> SysResult<()>;
+    /// Creates qgroup `qgroup` (a subvolume id is its level-0 qgroup; higher levels are
+    /// [`crate::btrfs::qgroup_id`]). EEXIST when it exists.
+    fn btrfs_qgroup_create(&self, fs: BorrowedFd<'_>, qgroup: u64) -> SysResult<()>;
 
-    /// Removes the level-0 qgroup of `subvolume`: ENOENT when absent, EBUSY while the kernel
-    /// still counts something in it (a subvolume not yet cleaned up).
-    fn btrfs_qgroup_remove(&self, fs: BorrowedFd<'_>, subvolume: u64) -> SysResult<()>;
+    /// Removes qgroup `qgroup`: ENOENT when absent, EBUSY while it has members, or (level 0)
+    /// while the kernel still counts something in it (a subvolume not yet cleaned up).
+    fn btrfs_qgroup_remove(&self, fs: BorrowedFd<'_>, qgroup: u64) -> SysResult<()>;
 
-    /// Sets the referenced-bytes limit of qgroup `0/<subvolume>` (ENOENT when absent).
-    fn btrfs_qgroup_limit(&self, fs: BorrowedFd<'_>, subvolume: u64, bytes: u64) -> SysResult<()>;
+    /// Makes qgroup `member` a member of qgroup `parent` (`assign`) or no longer one. EEXIST
+    /// when already a member; ENOENT when a qgroup is missing, or not a member on removal.
+    fn btrfs_qgroup_assign(
+        &self,
+        fs: BorrowedFd<'_>,
+        member: u64,
+        parent: u64,
+        assign: bool,
+    ) -> SysResult<()>;
 
-    /// Every level-0 qgroup with its counters and limit, as of the last commit.
+    /// Sets the referenced-bytes limit of qgroup `qgroup` (ENOENT when absent); `u64::MAX`
+    /// removes the limit.
+    fn btrfs_qgroup_limit(&self, fs: BorrowedFd<'_>, qgroup: u64, bytes: u64) -> SysResult<()>;
+
+    /// Every qgroup, of every level, with its counters, limit and parents, as of the last
+    /// commit (relations: as of now).
     fn btrfs_qgroups(&self, fs: BorrowedFd<'_>) -> SysResult<Vec<Qgroup>>;
 
     /// Commits the filesystem holding `fs` (syncfs): subvolume and qgroup changes durable.

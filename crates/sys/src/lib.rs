@@ -28,7 +28,7 @@ pub mod loopdev;
 pub mod mountinfo;
 
 pub use blockfs::{DeviceContent, FsKind};
-pub use btrfs::{Qgroup, QuotaMode as BtrfsQuotaMode};
+pub use btrfs::{qgroup_id, qgroup_name, Qgroup, QuotaMode as BtrfsQuotaMode};
 pub use copy::{CloneMethod, CopyStats};
 pub use error::{SysError, SysResult, ToolError, ToolFailure};
 pub use fake::{FakeKernel, FakeLoop, KernelCall};

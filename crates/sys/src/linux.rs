@@ -568,16 +568,26 @@ impl Kernel for LinuxKernel {
         with_ioctl_fd(fs, |fd| btrfs::enable_quota(fd, simple))
     }
 
-    fn btrfs_qgroup_create(&self, fs: BorrowedFd<'_>, subvolume: u64) -> SysResult<()> {
-        with_ioctl_fd(fs, |fd| btrfs::qgroup_create(fd, subvolume, true))
+    fn btrfs_qgroup_create(&self, fs: BorrowedFd<'_>, qgroup: u64) -> SysResult<()> {
+        with_ioctl_fd(fs, |fd| btrfs::qgroup_create(fd, qgroup, true))
     }
 
-    fn btrfs_qgroup_remove(&self, fs: BorrowedFd<'_>, subvolume: u64) -> SysResult<()> {
-        with_ioctl_fd(fs, |fd| btrfs::qgroup_create(fd, subvolume, false))
+    fn btrfs_qgroup_remove(&self, fs: BorrowedFd<'_>, qgroup: u64) -> SysResult<()> {
+        with_ioctl_fd(fs, |fd| btrfs::qgroup_create(fd, qgroup, false))
     }
 
-    fn btrfs_qgroup_limit(&self, fs: BorrowedFd<'_>, subvolume: u64, bytes: u64) -> SysResult<()> {
-        with_ioctl_fd(fs, |fd| btrfs::qgroup_limit(fd, subvolume, bytes))
+    fn btrfs_qgroup_assign(
+        &self,
+        fs: BorrowedFd<'_>,
+        member: u64,
+        parent: u64,
+        assign: bool,
+    ) -> SysResult<()> {
+        with_ioctl_fd(fs, |fd| btrfs::qgroup_assign(fd, member, parent, assign))
+    }
+
+    fn btrfs_qgroup_limit(&self, fs: BorrowedFd<'_>, qgroup: u64, bytes: u64) -> SysResult<()> {
+        with_ioctl_fd(fs, |fd| btrfs::qgroup_limit(fd, qgroup, bytes))
     }
 
     fn btrfs_qgroups(&self, fs: BorrowedFd<'_>) -> SysResult<Vec<btrfs::Qgroup>> {

@@ -312,7 +312,7 @@ fn btrfs_subvolumes_and_quotas() {
     assert_eq!(k.btrfs_subvolume_id(top).expect("top id"), 5);
     k.btrfs_qgroup_limit(top, id, 4 << 20).expect("limit");
     let q = k.btrfs_qgroups(top).expect("qgroups");
-    let mine = q.iter().find(|q| q.subvolume == id).expect("qgroup of vol");
+    let mine = q.iter().find(|q| q.id == id).expect("qgroup of vol");
     assert_eq!(mine.max_referenced, Some(4 << 20));
 
     // EDQUOT past the limit.
@@ -331,7 +331,7 @@ fn btrfs_subvolumes_and_quotas() {
     drop(f);
     k.btrfs_commit(top).expect("commit");
     let q = k.btrfs_qgroups(top).expect("qgroups");
-    let mine = q.iter().find(|q| q.subvolume == id).expect("qgroup");
+    let mine = q.iter().find(|q| q.id == id).expect("qgroup");
     assert!(
         mine.referenced >= 2 << 20 && mine.referenced <= 4 << 20,
         "{mine:?}"
@@ -370,6 +370,133 @@ fn btrfs_subvolumes_and_quotas() {
         .btrfs_destroy_subvolume_id(top, id)
         .expect_err("gone by id");
     assert_eq!(err.errno, Errno::NOENT, "{err}");
+}
+
+/// A level-1 qgroup holding a subvolume and the subvolumes made inside it: its limit holds
+/// writes in a nested subvolume (EDQUOT); under simple quotas a nested subvolume joins it by
+/// itself, under full qgroups it does not; removal needs it empty and unassigning works.
+#[test]
+fn btrfs_level_1_qgroups_and_nested_subvolumes() {
+    let test = "btrfs_level_1_qgroups_and_nested_subvolumes";
+    if !root_or_skip(test) {
+        return;
+    }
+    for simple in [true, false] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let Some((mnt, _guard)) = common::mount_btrfs(dir.path(), test) else {
+            return;
+        };
+        let k = LinuxKernel;
+        let top = open_trusted_dir(&mnt).expect("open mnt");
+        let top = top.as_fd();
+        k.btrfs_enable_quota(top, simple).expect("enable quotas");
+        k.btrfs_create_subvolume(top, "vol").expect("create");
+        let vol = stowage_sys::fs::open_dir_beneath(top, Path::new("vol")).expect("open vol");
+        let id = k.btrfs_subvolume_id(vol.as_fd()).expect("subvolume id");
+        let group = stowage_sys::qgroup_id(1, id);
+        k.btrfs_qgroup_create(top, group).expect("create 1/id");
+        assert_eq!(
+            k.btrfs_qgroup_create(top, group).expect_err("twice").errno,
+            Errno::EXIST
+        );
+        k.btrfs_qgroup_assign(top, id, group, true).expect("assign");
+        assert_eq!(
+            k.btrfs_qgroup_assign(top, id, group, true)
+                .expect_err("twice")
+                .errno,
+            Errno::EXIST
+        );
+        k.btrfs_qgroup_limit(top, group, 4 << 20).expect("limit");
+        k.btrfs_create_subvolume(vol.as_fd(), "nested")
+            .expect("nested");
+        let nested_dir =
+            stowage_sys::fs::open_dir_beneath(top, Path::new("vol/nested")).expect("open");
+        let nested = k.btrfs_subvolume_id(nested_dir.as_fd()).expect("id");
+        let q = k.btrfs_qgroups(top).expect("qgroups");
+        let parents = |q: &[stowage_sys::Qgroup], id: u64| {
+            q.iter()
+                .find(|q| q.id == id)
+                .expect("qgroup")
+                .parents
+                .clone()
+        };
+        assert_eq!(parents(&q, id), vec![group]);
+        let g = q.iter().find(|q| q.id == group).expect("1/id listed");
+        assert_eq!((g.level(), g.max_referenced), (1, Some(4 << 20)));
+        // An explicit, empty inheritance list, which needs no privilege: outside, in both
+        // modes.
+        stowage_sys::btrfs::create_subvolume_inheriting(vol.as_fd(), "outside", &[])
+            .expect("create with an empty inheritance list");
+        let outside_dir =
+            stowage_sys::fs::open_dir_beneath(top, Path::new("vol/outside")).expect("open");
+        let outside = k.btrfs_subvolume_id(outside_dir.as_fd()).expect("id");
+        assert!(parents(&q_after(&k, top), outside).is_empty());
+        if simple {
+            assert_eq!(parents(&q, nested), vec![group], "simple quotas inherit");
+        } else {
+            assert!(
+                parents(&q, nested).is_empty(),
+                "full qgroups do not inherit"
+            );
+            k.btrfs_qgroup_assign(top, nested, group, true)
+                .expect("assign nested");
+        }
+
+        // EDQUOT writing into the nested subvolume, the level-1 qgroup at most at its limit.
+        let mut f = fs::File::create(mnt.join("vol/nested/fill")).expect("create file");
+        let chunk = vec![7u8; 1 << 20];
+        let mut failed = None;
+        for _ in 0..8 {
+            use std::io::Write;
+            if let Err(e) = f.write_all(&chunk).and_then(|()| f.sync_all()) {
+                failed = Some(e);
+                break;
+            }
+        }
+        let e = failed.expect("8 MiB fit into a 4 MiB level-1 qgroup");
+        assert_eq!(e.raw_os_error(), Some(libc_edquot()), "{e}");
+        drop(f);
+        k.btrfs_commit(top).expect("commit");
+        let q = k.btrfs_qgroups(top).expect("qgroups");
+        let g = q.iter().find(|q| q.id == group).expect("1/id");
+        assert!(g.referenced >= 2 << 20 && g.referenced <= 4 << 20, "{g:?}");
+
+        // Not removable while it has members; u64::MAX lifts the limit; unassigned, it goes.
+        assert_eq!(
+            k.btrfs_qgroup_remove(top, group)
+                .expect_err("members")
+                .errno,
+            Errno::BUSY
+        );
+        k.btrfs_qgroup_limit(top, group, u64::MAX).expect("unlimit");
+        k.btrfs_destroy_subvolume_id(top, outside)
+            .expect("destroy outside");
+        for member in [nested, id] {
+            k.btrfs_qgroup_assign(top, member, group, false)
+                .expect("unassign");
+        }
+        assert_eq!(
+            k.btrfs_qgroup_assign(top, id, group, false)
+                .expect_err("not a member")
+                .errno,
+            Errno::NOENT
+        );
+        let q = k.btrfs_qgroups(top).expect("qgroups");
+        assert_eq!(
+            q.iter().find(|q| q.id == group).unwrap().max_referenced,
+            None
+        );
+        k.btrfs_qgroup_remove(top, group).expect("remove 1/id");
+        assert!(k
+            .btrfs_qgroups(top)
+            .expect("qgroups")
+            .iter()
+            .all(|q| q.id != group));
+    }
+}
+
+fn q_after(k: &LinuxKernel, top: std::os::fd::BorrowedFd<'_>) -> Vec<stowage_sys::Qgroup> {
+    k.btrfs_qgroups(top).expect("qgroups")
 }
 
 fn libc_edquot() -> i32 {

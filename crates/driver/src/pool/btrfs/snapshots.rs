@@ -16,7 +16,7 @@ use stowage_sys::fs as sysfs;
 use stowage_sys::Errno;
 
 use super::super::Source;
-use super::{sys, BtrfsBackend};
+use super::{group_of, sys, BtrfsBackend};
 use crate::store::{SnapshotRecord, VolumeRecord};
 
 impl BtrfsBackend {
@@ -116,7 +116,10 @@ impl BtrfsBackend {
                 "the subvolume of volume {id} vanished right after it was made"
             )));
         };
-        self.set_limit(vol, sid, vol.capacity)?;
+        // The restored volume's limit sits on its own level-1 qgroup, as for any volume.
+        let all = self.qgroups()?;
+        self.ensure_group(vol, sid, &all)?;
+        self.set_limit(vol, group_of(sid), vol.capacity)?;
         self.commit()?;
         self.map().insert(id.to_owned(), sid);
         Ok(())
