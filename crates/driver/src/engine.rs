@@ -486,6 +486,42 @@ impl Engine {
         Ok(self.to_volume(&vol, &pool))
     }
 
+    /// One round of the background watch: [`crate::pool::PoolBackend::watch`] for every ready
+    /// volume of the pools that watch, skipping a volume another call holds (the next round
+    /// gets it). Failures are logged. Returns how many volumes were checked.
+    pub fn watch_volumes(&self) -> usize {
+        if !self.pools.values().any(|p| p.backend().watches()) {
+            return 0;
+        }
+        let mut checked = 0;
+        let mut from = 0;
+        loop {
+            let page = match self.store.list_ready(from, Some(DEFAULT_PAGE_SIZE)) {
+                Ok(page) => page,
+                Err(e) => {
+                    tracing::warn!(error = %e, "the background volume watch cannot list volumes");
+                    return checked;
+                }
+            };
+            let Some(last) = page.last().map(|(v, _)| v.seq) else {
+                return checked;
+            };
+            for (vol, _) in &page {
+                let Some(pool) = self.pools.get(&vol.pool).filter(|p| p.backend().watches()) else {
+                    continue;
+                };
+                let Ok(_guard) = self.guards.claim_shared(format!("volume {}", vol.id)) else {
+                    continue;
+                };
+                if let Err(e) = pool.backend().watch(vol) {
+                    tracing::warn!(volume = %vol.id, pool = %vol.pool, error = %e, "background check of the volume failed");
+                }
+                checked += 1;
+            }
+            from = last + 1;
+        }
+    }
+
     /// Claims the guard of a volume id.
     pub(crate) fn claim(&self, id: &VolumeId) -> Result<Guard> {
         self.guards.claim(format!("volume {id}"))

@@ -42,6 +42,8 @@ pub struct ServeOptions {
     pub kubelet_dirs: Vec<PathBuf>,
     /// Whether ControllerExpandVolume is offered (see [`Engine::controller_expansion`]).
     pub controller_expansion: bool,
+    /// Period of [`Engine::watch_volumes`]; zero: never in the background.
+    pub watch_interval: Duration,
 }
 
 /// The socket path of a `unix://` endpoint.
@@ -156,6 +158,26 @@ pub async fn serve(opts: ServeOptions, shutdown: impl Future<Output = ()> + Send
             }
         }
     });
+    // The background watch of volumes whose kind asks for one (btrfs: nested subvolumes put
+    // back under their volume's qgroup), once reconciled; stopped when serving ends.
+    let watch = (!opts.watch_interval.is_zero()).then(|| {
+        let engine = Arc::clone(&engine);
+        let period = opts.watch_interval;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                if !engine.is_ready() {
+                    continue;
+                }
+                let engine = Arc::clone(&engine);
+                if let Err(e) = tokio::task::spawn_blocking(move || engine.watch_volumes()).await {
+                    tracing::warn!(error = %e, "the background volume watch failed");
+                }
+            }
+        })
+    });
     let mut reconcile_failed: Option<Error> = None;
     let shutdown = async {
         tokio::pin!(shutdown);
@@ -207,6 +229,9 @@ pub async fn serve(opts: ServeOptions, shutdown: impl Future<Output = ()> + Send
         }
     };
     let _ = std::fs::remove_file(&path);
+    if let Some(watch) = watch {
+        watch.abort();
+    }
     served.map_err(|e| Error::internal("gRPC server", e))?;
     if let Some(e) = reconcile_failed {
         return Err(e);

@@ -83,6 +83,16 @@ struct ServeArgs {
         value_name = "BOOL"
     )]
     controller_expansion: bool,
+    /// Seconds between two checks of every volume that a pool kind watches in the
+    /// background (btrfs: subvolumes a pod nested outside its volume's qgroup are put back
+    /// under it); 0 turns the checks off (they still run at NodeGetVolumeStats and expansion).
+    #[arg(
+        long,
+        env = "STOWAGE_WATCH_INTERVAL",
+        default_value_t = 10,
+        value_name = "SECONDS"
+    )]
+    watch_interval: u64,
     /// Log format.
     #[arg(long, env = "STOWAGE_LOG_FORMAT", value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -139,6 +149,7 @@ async fn serve(args: ServeArgs) -> ExitCode {
         },
         kubelet_dirs: args.kubelet_dirs,
         controller_expansion: args.controller_expansion,
+        watch_interval: std::time::Duration::from_secs(args.watch_interval),
     };
     match stowage_driver::serve(opts, stowage_driver::termination()).await {
         Ok(()) => ExitCode::SUCCESS,

@@ -83,7 +83,17 @@ fn btrfs_or_skip(test: &str) -> Option<BtrfsFs> {
     Some(fs)
 }
 
+/// The driver with the background watch off, so a test sees what a pod did before any
+/// sweep; [`start_watching`] turns it on.
 async fn start(fs: &BtrfsFs) -> Harness {
+    start_with(fs, &["--watch-interval", "0"]).await
+}
+
+async fn start_watching(fs: &BtrfsFs, seconds: &str) -> Harness {
+    start_with(fs, &["--watch-interval", seconds]).await
+}
+
+async fn start_with(fs: &BtrfsFs, extra: &[&str]) -> Harness {
     let cfg = fs.mnt.join("stowage.toml");
     std::fs::write(
         &cfg,
@@ -93,7 +103,9 @@ async fn start(fs: &BtrfsFs) -> Harness {
         ),
     )
     .unwrap();
-    Harness::start(&["--config", cfg.to_str().unwrap()]).await
+    let mut args = vec!["--config", cfg.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    Harness::start(&args).await
 }
 
 fn volume_dir(fs: &BtrfsFs, id: &str) -> PathBuf {
@@ -703,6 +715,44 @@ async fn a_pod_cannot_write_past_its_volume_through_nested_subvolumes() {
         // Full as it is, the volume is deleted (the limit is lifted first: destroying a
         // subvolume in a full qgroup is EDQUOT), with everything inside and its qgroups.
         delete_everything(&h, &fs, &id, &p, &[sid, plain, escape]).await;
+    })
+    .await;
+}
+
+/// The background watch puts a subvolume a pod nested outside its volume's qgroup back
+/// under it without any call from the CO: the window in which it escapes the limit is
+/// bounded by `--watch-interval`, not by when the kubelet next asks for stats.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_background_watch_holds_an_escaped_subvolume_without_a_stats_call() {
+    let test = "the_background_watch_holds_an_escaped_subvolume_without_a_stats_call";
+    let Some(fs) = btrfs_or_skip(test) else {
+        return;
+    };
+    bounded(async {
+        let (_bin_dir, bin) = pod_binary();
+        let h = start_watching(&fs, "1").await;
+        let (id, p, sid) = published(&h, &fs, "watched").await;
+        let group = qgroup_id(1, sid);
+        as_pod(&bin, &p.target, "nest:escape:none");
+        let escape = subvolume_id(&p.target.join("escape"));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while qgroup_of(&fs, escape).unwrap().parents != vec![group] {
+            assert!(
+                Instant::now() < deadline,
+                "the watch did not put subvolume {escape} under {group:#x} within 10 s"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let errno = pod_fill(&bin, &p.target, "escape/fill", 48);
+        assert_eq!(
+            errno, EDQUOT,
+            "48 MiB went into a 16 MiB volume after the watch"
+        );
+        assert!(
+            h.log_text().contains(&escape.to_string()),
+            "the driver's log does not name the escaped subvolume"
+        );
+        delete_everything(&h, &fs, &id, &p, &[sid, escape]).await;
     })
     .await;
 }

@@ -886,6 +886,20 @@ impl PoolBackend for BtrfsBackend {
             .map_err(sys(format!("listing pool {:?}", self.name)))
     }
 
+    /// A subvolume a pod nested outside the volume's qgroup (an explicit inheritance list;
+    /// any, under full qgroups) is unlimited until a sweep puts it back: the watch bounds
+    /// that window by time, between the kubelet's stats calls.
+    fn watches(&self) -> bool {
+        true
+    }
+
+    fn watch(&self, vol: &VolumeRecord) -> Result<()> {
+        match self.subvolume_of(&vol.id)? {
+            Some(sid) => self.sweep(vol, sid).map(drop),
+            None => Ok(()),
+        }
+    }
+
     fn snapshot_method(&self) -> String {
         "read-only btrfs subvolume snapshot; restores and clones are writable snapshots \
          (constant time)"

@@ -199,6 +199,19 @@ pub trait PoolBackend: Send + Sync + Debug {
     /// record names. The name of a volume's entry is its id.
     fn entry_names(&self) -> Result<Vec<String>>;
 
+    /// Whether the kind wants [`PoolBackend::watch`] called for each of its volumes now and
+    /// then (`--watch-interval`). False (the default): nothing to watch.
+    fn watches(&self) -> bool {
+        false
+    }
+
+    /// The background check of one ready volume (see [`PoolBackend::watches`]): puts right
+    /// what a consumer can do behind the driver's back and the kind can undo. Called with
+    /// the volume's guard held shared.
+    fn watch(&self, _vol: &VolumeRecord) -> Result<()> {
+        Ok(())
+    }
+
     // ---- snapshots and clones (controller side)
 
     /// How this pool takes a snapshot and fills a volume from one, in a few words, for the
