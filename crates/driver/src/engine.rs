@@ -880,6 +880,20 @@ mod tests {
         );
     }
 
+    proptest::proptest! {
+        /// No string but one this instance issued for this listing opens a page.
+        #[test]
+        fn arbitrary_tokens_open_nothing(token in "\\PC{0,40}", seq in 1i64..i64::MAX) {
+            let t = PageTokens::default();
+            let issued = t.issue(VOLUME_TOKENS, seq);
+            proptest::prop_assert_eq!(t.open(VOLUME_TOKENS, &issued), Some(seq));
+            if token != issued {
+                proptest::prop_assert_eq!(t.open(VOLUME_TOKENS, &token), None);
+            }
+            proptest::prop_assert_eq!(t.open(crate::snapshots::SNAPSHOT_TOKENS, &issued), None);
+        }
+    }
+
     #[test]
     fn page_tokens_are_only_ours() {
         let t = PageTokens::default();

@@ -44,6 +44,8 @@ pub struct ServeOptions {
     pub controller_expansion: bool,
     /// Period of [`Engine::watch_volumes`]; zero: never in the background.
     pub watch_interval: Duration,
+    /// Group that may connect to the socket (mode 0660); None: root alone (0600).
+    pub socket_group: Option<u32>,
 }
 
 /// The socket path of a `unix://` endpoint.
@@ -92,8 +94,9 @@ pub fn build_engine(opts: &ServeOptions, kernel: Arc<dyn Kernel>) -> Result<Engi
 }
 
 /// Binds the socket: a stale socket file from an earlier run is replaced, anything else at
-/// that path is refused. The socket is made 0660 (owner and group only).
-fn bind(path: &Path) -> Result<UnixListener> {
+/// that path is refused. The socket is made 0600 (its owner, root, alone), or 0660 with group
+/// `group` when one is configured (`--socket-group`, for sidecars that do not run as root).
+fn bind(path: &Path, group: Option<u32>) -> Result<UnixListener> {
     if let Some(parent) = path.parent() {
         if !parent.exists() {
             // Made owner/group-only, so the socket is never reachable by others, not even in
@@ -124,7 +127,17 @@ fn bind(path: &Path) -> Result<UnixListener> {
     }
     let listener = UnixListener::bind(path)
         .map_err(|e| Error::internal(format!("binding {}", path.display()), e))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+    // The directory keeps others out until the mode is set (see above).
+    let mode = match group {
+        None => 0o600,
+        Some(gid) => {
+            std::os::unix::fs::lchown(path, None, Some(gid)).map_err(|e| {
+                Error::internal(format!("chown {} to group {gid}", path.display()), e)
+            })?;
+            0o660
+        }
+    };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
         .map_err(|e| Error::internal(format!("chmod {}", path.display()), e))?;
     Ok(listener)
 }
@@ -134,7 +147,7 @@ fn bind(path: &Path) -> Result<UnixListener> {
 pub async fn serve(opts: ServeOptions, shutdown: impl Future<Output = ()> + Send) -> Result<()> {
     let path = socket_path(&opts.endpoint)?;
     let engine = Arc::new(build_engine(&opts, Arc::new(LinuxKernel))?);
-    let listener = bind(&path)?;
+    let listener = bind(&path, opts.socket_group)?;
     tracing::info!(
         endpoint = %opts.endpoint, node = %opts.node_id, driver = %opts.driver_name,
         mode = ?opts.mode, version = env!("CARGO_PKG_VERSION"), "serving CSI"

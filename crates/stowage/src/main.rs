@@ -93,6 +93,11 @@ struct ServeArgs {
         value_name = "SECONDS"
     )]
     watch_interval: u64,
+    /// Numeric group allowed to connect to the socket (mode 0660 with that group); without
+    /// it the socket is 0600, root's alone, which is what the official sidecars (run as root)
+    /// need.
+    #[arg(long, env = "STOWAGE_SOCKET_GROUP", value_name = "GID")]
+    socket_group: Option<u32>,
     /// Log format.
     #[arg(long, env = "STOWAGE_LOG_FORMAT", value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -150,6 +155,7 @@ async fn serve(args: ServeArgs) -> ExitCode {
         kubelet_dirs: args.kubelet_dirs,
         controller_expansion: args.controller_expansion,
         watch_interval: std::time::Duration::from_secs(args.watch_interval),
+        socket_group: args.socket_group,
     };
     match stowage_driver::serve(opts, stowage_driver::termination()).await {
         Ok(()) => ExitCode::SUCCESS,

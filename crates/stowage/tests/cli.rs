@@ -327,3 +327,21 @@ fn bench_floor_leaves_no_mounts() {
         Path::new(dir.path()).display()
     );
 }
+
+/// The socket is root's alone unless a group is configured; then that group may connect too.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_socket_is_owner_only_unless_a_group_is_named() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    bounded(async {
+        let h = Harness::start(&[]).await;
+        let sock = h.dir.path().join("csi.sock");
+        let meta = std::fs::metadata(&sock).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        drop(h);
+        let h = Harness::start(&["--socket-group", "4321"]).await;
+        let meta = std::fs::metadata(h.dir.path().join("csi.sock")).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o660);
+        assert_eq!(meta.gid(), 4321);
+    })
+    .await;
+}

@@ -20,13 +20,7 @@ pub struct MountEntry {
 /// named `component` or lies inside it (a bind mount of a volume or of a subPath in it).
 /// `component` is one path component, e.g. a volume id.
 pub fn mounts_of(dev: u64, component: &str) -> SysResult<Vec<PathBuf>> {
-    let text = std::fs::read_to_string("/proc/self/mountinfo").map_err(|e| {
-        SysError::new(
-            "read",
-            "\"/proc/self/mountinfo\"",
-            Errno::from_raw_os_error(e.raw_os_error().unwrap_or(libc::EIO)),
-        )
-    })?;
+    let text = read()?;
     Ok(parse(&text)
         .filter(|m| m.dev == dev && m.root.iter().any(|c| c == component))
         .map(|m| m.mount_point)
@@ -38,17 +32,26 @@ pub fn mounts_of(dev: u64, component: &str) -> SysResult<Vec<PathBuf>> {
 /// them: ext4 and xfs show the block device's own number, btrfs an anonymous device of its
 /// subvolume that neither the device nor mountinfo's `major:minor` field tells.
 pub fn mount_points_from(source: &str) -> SysResult<Vec<PathBuf>> {
-    let text = std::fs::read_to_string("/proc/self/mountinfo").map_err(|e| {
+    let text = read()?;
+    Ok(sources(&text)
+        .filter(|(_, s)| *s == Path::new(source))
+        .map(|(mount_point, _)| mount_point)
+        .collect())
+}
+
+/// This process's mount table as text. A mount point or source that is not UTF-8 (the kernel
+/// writes path bytes as they are, escaping only space, tab, newline and backslash) is read
+/// with replacement characters instead of failing the whole read: stowage compares only its
+/// own ASCII names (volume ids, loop device paths) against it.
+pub fn read() -> SysResult<String> {
+    let bytes = std::fs::read("/proc/self/mountinfo").map_err(|e| {
         SysError::new(
             "read",
             "\"/proc/self/mountinfo\"",
             Errno::from_raw_os_error(e.raw_os_error().unwrap_or(libc::EIO)),
         )
     })?;
-    Ok(sources(&text)
-        .filter(|(_, s)| *s == Path::new(source))
-        .map(|(mount_point, _)| mount_point)
-        .collect())
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
 }
 
 /// `(mount point, mount source)` of each line: the source is the second field after the
@@ -151,5 +154,62 @@ garbage line
     fn a_component_must_match_whole() {
         let dev = rustix::fs::makedev(254, 0);
         assert!(!parse(SAMPLE).any(|m| m.dev == dev && m.root.iter().any(|c| c == "stw-a")));
+    }
+
+    mod properties {
+        use super::super::*;
+        use proptest::prelude::*;
+        use std::os::unix::ffi::OsStrExt;
+
+        /// What the kernel writes for a path (`seq_path` with `" \t\n\\"` escaped octal;
+        /// every other byte as it is).
+        fn escape(path: &str) -> String {
+            let mut out = String::new();
+            for c in path.chars() {
+                if matches!(c, ' ' | '\t' | '\n' | '\\') {
+                    out.push_str(&format!("\\{:03o}", c as u32));
+                } else {
+                    out.push(c);
+                }
+            }
+            out
+        }
+
+        fn path_text() -> impl Strategy<Value = String> {
+            "(/[^\u{0}/]{0,8}){1,5}"
+        }
+
+        proptest! {
+            #[test]
+            fn arbitrary_text_never_panics(text in "\\PC{0,400}") {
+                for m in parse(&text) {
+                    let _ = (m.dev, m.root, m.mount_point);
+                }
+                let _ = sources(&text).count();
+            }
+
+            #[test]
+            fn escaped_paths_round_trip(
+                root in path_text(),
+                mount_point in path_text(),
+                major in 0u32..4096,
+                minor in 0u32..1_000_000,
+                optional in prop::collection::vec("[a-z]{1,8}:[0-9]{1,4}", 0..3),
+            ) {
+                let line = format!(
+                    "36 35 {major}:{minor} {} {} rw,relatime {} - ext4 /dev/x rw\n",
+                    escape(&root),
+                    escape(&mount_point),
+                    optional.join(" ")
+                );
+                let got: Vec<MountEntry> = parse(&line).collect();
+                prop_assert_eq!(got.len(), 1);
+                prop_assert_eq!(got[0].root.as_os_str().as_bytes(), root.as_bytes());
+                prop_assert_eq!(got[0].mount_point.as_os_str().as_bytes(), mount_point.as_bytes());
+                prop_assert_eq!(got[0].dev, rustix::fs::makedev(major, minor));
+                let src: Vec<(PathBuf, PathBuf)> = sources(&line).collect();
+                prop_assert_eq!(src[0].0.as_os_str().as_bytes(), mount_point.as_bytes());
+            }
+        }
     }
 }

@@ -572,8 +572,8 @@ impl BtrfsBackend {
     /// FAILED_PRECONDITION, naming it, when a mount point lies inside the volume: destroying
     /// the subvolume would detach it.
     fn refuse_mounts_inside(&self, id: &VolumeId) -> Result<()> {
-        let text = std::fs::read_to_string("/proc/self/mountinfo")
-            .map_err(|e| Error::Internal(format!("reading the mount table: {e}")))?;
+        let text = stowage_sys::mountinfo::read()
+            .map_err(|e| Error::internal("reading the mount table", e))?;
         let dir = self.volumes_path.join(id.as_str());
         let inside: Vec<String> = stowage_sys::mountinfo::parse(&text)
             .filter(|m| m.mount_point.starts_with(&dir))

@@ -467,8 +467,8 @@ pub(crate) fn bind_directory(
 /// consumer still uses it, whatever the store says. `dev`: the filesystem's device as the
 /// mount table shows it, when the kind knows it (None: any device; volume ids are unique).
 pub(crate) fn refuse_if_mounted(dev: Option<u64>, id: &stowage_core::VolumeId) -> Result<()> {
-    let text = std::fs::read_to_string("/proc/self/mountinfo")
-        .map_err(|e| Error::Internal(format!("reading the mount table: {e}")))?;
+    let text = stowage_sys::mountinfo::read()
+        .map_err(|e| Error::internal("reading the mount table", e))?;
     let at: Vec<String> = stowage_sys::mountinfo::parse(&text)
         .filter(|m| dev.is_none_or(|d| d == m.dev) && m.root.iter().any(|c| c == id.as_str()))
         .map(|m| m.mount_point.display().to_string())
