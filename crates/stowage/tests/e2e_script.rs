@@ -68,7 +68,10 @@ fn the_script_parses_and_passes_shellcheck() {
     match Command::new("shellcheck").arg(script()).output() {
         Ok(out) => assert!(out.status.success(), "{}", text(&out)),
         Err(_) => {
-            let _ = writeln!(std::io::stderr(), "SKIPPED: shellcheck is not installed");
+            // The summary of scripts/test counts this line as a skip (.ci/run installs it).
+            println!(
+                "SKIPPED (shellcheck is not installed; .ci/run installs it): the_script_parses_and_passes_shellcheck"
+            );
         }
     }
 }
