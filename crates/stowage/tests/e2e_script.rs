@@ -3,7 +3,6 @@
 //! changes nothing outside its own namespace and StorageClass (the driver pod it restarts
 //! aside), and a namespace that exists already is refused and left alone.
 
-use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
