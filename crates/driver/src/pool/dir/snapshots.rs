@@ -111,13 +111,24 @@ impl DirBackend {
         let dir = self.open_volume(&vol.id)?;
         let what = format!("volume {} into snapshot {}", vol.id, snap.id);
         let started = Instant::now();
-        let stats = copy_tree_with_progress(
+        let stats = match copy_tree_with_progress(
             dir.as_fd(),
             self.snapshots.as_fd(),
             snap.id.as_str(),
             &mut progress(&what),
-        )
-        .map_err(sys(format!("copying {what}")))?;
+        ) {
+            Ok(stats) => stats,
+            Err(e) => {
+                // A pod changing its tree under the copy can make it fail; what was copied so
+                // far must not stay in the snapshot area, unlisted and uncharged, until a
+                // retry under the same name or the next start (the record stays `creating`,
+                // so a retry reuses the id).
+                if let Err(undo) = self.remove_snapshot(snap) {
+                    tracing::warn!(snapshot = %snap.id, error = %undo, "could not remove a failed snapshot copy");
+                }
+                return Err(sys(format!("copying {what}"))(e));
+            }
+        };
         crate::crash::point("dir-snapshot-after-copy");
         done(&what, &stats, started);
         self.sync_snapshots()
