@@ -42,6 +42,9 @@ pub struct MountOptions {
     pub fs_type: String,
     /// Mount flags, from the allow-list.
     pub flags: Vec<MountFlag>,
+    /// `volume_mount_group`: the group the volume's files are given at publish (Kubernetes'
+    /// fsGroup, handed to the driver through VOLUME_MOUNT_GROUP).
+    pub group: Option<u32>,
 }
 
 /// Mount flags a CO may ask for. `nosuid` and `nodev` are applied to every publication
@@ -186,11 +189,22 @@ impl Capability {
                         m.fs_type
                     )));
                 }
-                if !m.volume_mount_group.is_empty() {
-                    return Err(Error::invalid(
-                        "volume_capability.mount.volume_mount_group is not supported (no VOLUME_MOUNT_GROUP capability)",
-                    ));
-                }
+                let group = match m.volume_mount_group.as_str() {
+                    "" => None,
+                    g if g.len() <= 10 && g.bytes().all(|b| b.is_ascii_digit()) => {
+                        Some(g.parse::<u32>().map_err(|_| {
+                            Error::InvalidArgument(format!(
+                                "volume_capability.mount.volume_mount_group {g:?} is not a group id (0 to 4294967295)"
+                            ))
+                        })?)
+                    }
+                    g => {
+                        return Err(Error::InvalidArgument(format!(
+                            "volume_capability.mount.volume_mount_group {:?} is not a numeric group id",
+                            g.chars().take(40).collect::<String>()
+                        )))
+                    }
+                };
                 let mut flags = Vec::with_capacity(m.mount_flags.len());
                 for f in &m.mount_flags {
                     // A flag string may carry several comma-separated options.
@@ -208,6 +222,7 @@ impl Capability {
                 Access::Mount(MountOptions {
                     fs_type: m.fs_type.clone(),
                     flags,
+                    group,
                 })
             }
         };

@@ -612,6 +612,23 @@ impl Engine {
             created_dir: existing.as_ref().is_some_and(|p| p.created_dir),
             staging_path: Some(req.staging.as_str().to_owned()),
         };
+        if let Access::Mount(m) = &req.capability.access {
+            if let Some(gid) = m.group {
+                // fsGroup: the volume's own directories and files get the group, from the
+                // staging mount's root, fd-relative (see set_group_tree for what is left
+                // alone); skipped once the root carries it.
+                let stats = sysfs::set_group_tree(staged.as_fd(), gid, read_only).map_err(|e| {
+                    Error::internal(format!("giving volume {} the group {gid}", vol.id), e)
+                })?;
+                if !stats.root_matched {
+                    tracing::info!(
+                        volume = %vol.id, gid, changed = stats.changed, symlinks = stats.symlinks,
+                        linked = stats.linked, specials = stats.specials, mounts = stats.mounts,
+                        "volume_mount_group applied"
+                    );
+                }
+            }
+        }
         let source = pool.backend().publish_source(&vol, staged)?;
         let mut attrs = attrs_for(&req.capability, read_only);
         // The pod must be able to open the device node: no nodev on that one bind.
@@ -1091,6 +1108,7 @@ impl csi::node_server::Node for Driver {
             NodeCap::VolumeCondition,
             NodeCap::SingleNodeMultiWriter,
             NodeCap::ExpandVolume,
+            NodeCap::VolumeMountGroup,
         ]
         .into_iter()
         .map(|t| csi::NodeServiceCapability {

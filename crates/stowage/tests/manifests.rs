@@ -363,10 +363,11 @@ async fn every_overlay_matches_what_the_binary_advertises() {
             controller.contains("GET_CAPACITY"),
             "{overlay}: storageCapacity vs {controller:?}"
         );
-        // Without VOLUME_MOUNT_GROUP kubelet must apply fsGroup itself.
+        // With VOLUME_MOUNT_GROUP and fsGroupPolicy File, the kubelet hands the pod's
+        // fsGroup to the driver (volume_mount_group) instead of changing ownership itself.
         assert!(
-            !node.contains("VOLUME_MOUNT_GROUP"),
-            "{node:?}: revisit fsGroupPolicy"
+            node.contains("VOLUME_MOUNT_GROUP"),
+            "{node:?}: the driver no longer applies fsGroup; revisit fsGroupPolicy"
         );
         assert_eq!(spec["fsGroupPolicy"], "File");
         assert_eq!(spec["requiresRepublish"], false);

@@ -910,7 +910,7 @@ async fn node_info_and_capabilities() {
             _ => None,
         }).collect();
         got.sort();
-        let mut want = vec![Type::StageUnstageVolume as i32, Type::GetVolumeStats as i32, Type::VolumeCondition as i32, Type::SingleNodeMultiWriter as i32, Type::ExpandVolume as i32];
+        let mut want = vec![Type::StageUnstageVolume as i32, Type::GetVolumeStats as i32, Type::VolumeCondition as i32, Type::SingleNodeMultiWriter as i32, Type::ExpandVolume as i32, Type::VolumeMountGroup as i32];
         want.sort();
         assert_eq!(got, want);
         // The configured pool is the default pool.
@@ -1027,6 +1027,63 @@ async fn directories_the_co_made_are_used_and_left_to_it() {
         stage_and_publish(&mut n, &v).await;
         n.node_unpublish_volume(unpublish_req(&v)).await.unwrap();
         assert!(!v.target.exists());
+    })
+    .await
+}
+
+/// VOLUME_MOUNT_GROUP: a publish with `volume_mount_group` gives the volume's own files the
+/// group (fsGroup done by the driver), leaves a symlink to a host file and the file itself
+/// alone, and refuses a group that is not a number.
+#[tokio::test]
+async fn volume_mount_group_reaches_the_volume_and_nothing_else() {
+    use std::os::unix::fs::MetadataExt;
+    if !root_or_skip("volume_mount_group_reaches_the_volume_and_nothing_else") {
+        return;
+    }
+    bounded(async {
+        let h = Harness::start(&[]).await;
+        let v = new_volume(&h, "grouped").await;
+        let root = h.pool_volumes().join(&v.id);
+        std::fs::create_dir(root.join("data")).unwrap();
+        std::fs::write(root.join("data/file"), b"x").unwrap();
+        let host = h.dir.path().join("host-file");
+        std::fs::write(&host, b"host").unwrap();
+        std::os::unix::fs::symlink(&host, root.join("data/to-host")).unwrap();
+        let host_before = std::fs::metadata(&host).unwrap();
+        let mut n = h.node().await;
+        let cap = |group: &str| {
+            let mut c = mount_cap(Mode::SingleNodeWriter);
+            if let Some(csi::volume_capability::AccessType::Mount(m)) = c.access_type.as_mut() {
+                m.volume_mount_group = group.into();
+            }
+            c
+        };
+        n.node_stage_volume(stage_req(&v, cap(""))).await.unwrap();
+        for bad in ["staff", "-1", "4294967296", "12 3"] {
+            let got = n
+                .node_publish_volume(publish_req(&v, cap(bad), false))
+                .await;
+            assert_eq!(code(got), Code::InvalidArgument, "{bad:?}");
+        }
+        n.node_publish_volume(publish_req(&v, cap("4242"), false))
+            .await
+            .unwrap();
+        for p in ["", "data", "data/file"] {
+            let m = std::fs::metadata(v.target.join(p)).unwrap();
+            assert_eq!(m.gid(), 4242, "{p}");
+        }
+        assert_eq!(std::fs::metadata(v.target).unwrap().mode() & 0o2070, 0o2070);
+        let host_after = std::fs::metadata(&host).unwrap();
+        assert_eq!(
+            (host_after.gid(), host_after.mode()),
+            (host_before.gid(), host_before.mode())
+        );
+        assert_ne!(
+            std::fs::symlink_metadata(root.join("data/to-host"))
+                .unwrap()
+                .gid(),
+            4242
+        );
     })
     .await
 }

@@ -638,6 +638,156 @@ pub fn tree_usage(dir: BorrowedFd<'_>) -> SysResult<TreeUsage> {
     }
 }
 
+/// What [`set_group_tree`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct GroupStats {
+    /// The root already had the group and setgid: nothing was walked (what Kubernetes calls
+    /// the OnRootMismatch policy).
+    pub root_matched: bool,
+    /// Directories and files given the group (the root included).
+    pub changed: u64,
+    /// Symlinks left as they are (never followed, never chowned).
+    pub symlinks: u64,
+    /// Files with more than one hard link left as they are: one of their names may be
+    /// outside the volume.
+    pub linked: u64,
+    /// FIFOs, sockets and device nodes left as they are (never opened).
+    pub specials: u64,
+    /// Entries on another mount, not entered.
+    pub mounts: u64,
+}
+
+/// Gives the tree under directory `dir` the group `gid`, as Kubernetes' fsGroup asks: every
+/// directory and regular file gets the group and group read (and write, unless `read_only`)
+/// permission, directories also group search and setgid, so what is created later inherits the
+/// group. Nothing else is touched:
+/// - no symlink is followed or changed; every entry is met by `statx(AT_SYMLINK_NOFOLLOW)`,
+///   then opened `O_NOFOLLOW` (`O_PATH` for files, so a FIFO swapped in is never opened) and
+///   checked to be the inode the statx saw before anything is changed through that fd;
+/// - a regular file with more than one hard link is left alone (a link to a host file on
+///   the same filesystem must not change hands);
+/// - FIFOs, sockets and device nodes are left alone; another mount is not entered.
+///
+/// When the root already has the group and setgid, the walk is skipped (`root_matched`).
+pub fn set_group_tree(dir: BorrowedFd<'_>, gid: u32, read_only: bool) -> SysResult<GroupStats> {
+    let (file_bits, dir_bits) = if read_only {
+        (0o040, 0o2050)
+    } else {
+        (0o060, 0o2070)
+    };
+    let root_fd = rustix::fs::openat(dir, c".", DIR_FLAGS, Mode::empty())
+        .map_err(|e| at_error("openat", dir, b".", e))?;
+    let root_st = stat_fd(root_fd.as_fd()).map_err(|e| at_error("statx", dir, b"", e))?;
+    let mut stats = GroupStats::default();
+    if root_st.stx_gid == gid && u32::from(root_st.stx_mode) & 0o2000 != 0 {
+        stats.root_matched = true;
+        return Ok(stats);
+    }
+    let group = |fd: BorrowedFd<'_>, st: &Statx, bits: u32| -> SysResult<()> {
+        rustix::fs::chownat(
+            fd,
+            c"",
+            None,
+            Some(rustix::fs::Gid::from_raw(gid)),
+            AtFlags::EMPTY_PATH,
+        )
+        .map_err(|e| at_error("fchownat", fd, b"", e))?;
+        // The mode is set after the chown (which clears set-id bits); a set-user-id bit is
+        // not put back, nor a file's set-group-id (it would now mean our group). Through
+        // /proc/self/fd the inode of the fd itself is changed (an O_PATH fd has no fchmod).
+        let keep = if bits & 0o2000 != 0 { 0o3777 } else { 0o1777 };
+        let mode = (u32::from(st.stx_mode) & keep) | bits;
+        let proc = format!("/proc/self/fd/{}", fd.as_raw_fd());
+        rustix::fs::chmod(proc.as_str(), Mode::from_raw_mode(mode))
+            .map_err(|e| at_error("chmod", fd, b"", e))
+    };
+    group(root_fd.as_fd(), &root_st, dir_bits)?;
+    stats.changed += 1;
+    let pending = read_entries(root_fd.as_fd())?;
+    let mut walk = Walk::new(
+        dir,
+        root_fd,
+        Frame {
+            at: dir_id(&root_st),
+            name: c".".to_owned(),
+            pending,
+            rescans: 0,
+        },
+    );
+    loop {
+        let Some(entry) = walk.cur.pending.pop() else {
+            if walk.ascend()? {
+                continue;
+            }
+            return Ok(stats);
+        };
+        let parent = walk.cur_fd.as_fd();
+        let st = match stat_at(parent, &entry.name) {
+            Ok(st) => st,
+            Err(Errno::NOENT) => continue,
+            Err(e) => return Err(at_error("statx", parent, entry.name.to_bytes(), e)),
+        };
+        let kind = file_type(&st);
+        match kind {
+            FileType::Symlink => {
+                stats.symlinks += 1;
+                continue;
+            }
+            FileType::RegularFile if st.stx_nlink > 1 => {
+                stats.linked += 1;
+                continue;
+            }
+            FileType::RegularFile | FileType::Directory => {}
+            _ => {
+                stats.specials += 1;
+                continue;
+            }
+        }
+        if crosses_mount(walk.cur.at, &st) {
+            stats.mounts += 1;
+            continue;
+        }
+        let flags = if kind == FileType::Directory {
+            DIR_FLAGS
+        } else {
+            OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC
+        };
+        let fd = match rustix::fs::openat(parent, &entry.name, flags, Mode::empty()) {
+            Ok(fd) => fd,
+            // Gone, or swapped for a symlink or another type since the statx: skip it.
+            Err(Errno::NOENT | Errno::NOTDIR | Errno::LOOP) => continue,
+            Err(e) => return Err(at_error("openat", parent, entry.name.to_bytes(), e)),
+        };
+        let opened = stat_fd(fd.as_fd()).map_err(|e| at_error("statx", fd.as_fd(), b"", e))?;
+        if inode_id(&opened) != inode_id(&st)
+            || file_type(&opened) != kind
+            || crosses_mount(walk.cur.at, &opened)
+            || (kind == FileType::RegularFile && opened.stx_nlink > 1)
+        {
+            // Swapped between the statx and the open, or linked meanwhile: not what was
+            // checked, so not touched.
+            continue;
+        }
+        if kind == FileType::RegularFile {
+            group(fd.as_fd(), &opened, file_bits)?;
+            stats.changed += 1;
+            continue;
+        }
+        group(fd.as_fd(), &opened, dir_bits)?;
+        stats.changed += 1;
+        let pending = read_entries(fd.as_fd())?;
+        walk.descend(
+            fd,
+            Frame {
+                at: dir_id(&opened),
+                name: entry.name,
+                pending,
+                rescans: 0,
+            },
+        );
+    }
+}
+
 fn count(usage: &mut TreeUsage, st: &Statx) {
     usage.bytes = usage
         .bytes
@@ -692,6 +842,7 @@ const STATX_MASK: StatxFlags = StatxFlags::TYPE
     .union(StatxFlags::NLINK)
     .union(StatxFlags::INO)
     .union(StatxFlags::BLOCKS)
+    .union(StatxFlags::GID)
     .union(StatxFlags::MNT_ID);
 
 pub(crate) fn stat_fd(fd: BorrowedFd<'_>) -> Result<Statx, Errno> {

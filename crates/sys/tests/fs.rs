@@ -406,3 +406,84 @@ fn entry_info_never_follows_the_entry() {
         stowage_sys::Errno::NOENT
     );
 }
+
+/// fsGroup done safely: the group reaches directories and single-link files only; symlinks,
+/// hard-linked files (a host file's other name), FIFOs and mounts are left alone; a second
+/// run with the root already matching walks nothing.
+#[test]
+fn set_group_tree_touches_only_what_is_the_volumes() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("SKIPPED (needs root to chown): set_group_tree_touches_only_what_is_the_volumes");
+        return;
+    }
+    let host = tempfile::tempdir().unwrap();
+    let outside = host.path().join("host-file");
+    std::fs::write(&outside, b"host").unwrap();
+    let vol = host.path().join("vol");
+    std::fs::create_dir_all(vol.join("a/b")).unwrap();
+    std::fs::write(vol.join("a/b/f"), b"x").unwrap();
+    std::fs::set_permissions(vol.join("a/b/f"), std::fs::Permissions::from_mode(0o4700)).unwrap();
+    std::os::unix::fs::symlink(&outside, vol.join("a/link")).unwrap();
+    std::fs::hard_link(&outside, vol.join("a/hard")).unwrap();
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        vol.join("fifo").as_path(),
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o600),
+        0,
+    )
+    .unwrap();
+    let before = std::fs::metadata(&outside).unwrap();
+    let root = stowage_sys::fs::open_trusted_dir(&vol).unwrap();
+    let stats = stowage_sys::fs::set_group_tree(root.as_fd(), 4242, false).unwrap();
+    assert_eq!(
+        (
+            stats.changed,
+            stats.symlinks,
+            stats.linked,
+            stats.specials,
+            stats.root_matched
+        ),
+        (4, 1, 1, 1, false),
+        "{stats:?}"
+    );
+    for p in ["", "a", "a/b"] {
+        let m = std::fs::metadata(vol.join(p)).unwrap();
+        assert_eq!(m.gid(), 4242, "{p}");
+        assert_eq!(m.mode() & 0o2070, 0o2070, "{p}: {:o}", m.mode());
+    }
+    let f = std::fs::metadata(vol.join("a/b/f")).unwrap();
+    assert_eq!(f.gid(), 4242);
+    assert_eq!(
+        f.mode() & 0o7777,
+        0o0760,
+        "set-user-id is not put back: {:o}",
+        f.mode()
+    );
+    let after = std::fs::metadata(&outside).unwrap();
+    assert_eq!(
+        (after.gid(), after.mode()),
+        (before.gid(), before.mode()),
+        "the host file"
+    );
+    assert_eq!(
+        std::fs::symlink_metadata(vol.join("a/link")).unwrap().gid(),
+        0
+    );
+    assert_ne!(
+        std::fs::symlink_metadata(vol.join("fifo")).unwrap().gid(),
+        4242
+    );
+    // The root matches now: nothing is walked, even a new file keeps its group.
+    std::fs::write(vol.join("new"), b"n").unwrap();
+    rustix::fs::chown(
+        vol.join("new").as_path(),
+        None,
+        Some(rustix::fs::Gid::from_raw(7)),
+    )
+    .unwrap();
+    let again = stowage_sys::fs::set_group_tree(root.as_fd(), 4242, false).unwrap();
+    assert!(again.root_matched);
+    assert_eq!(std::fs::metadata(vol.join("new")).unwrap().gid(), 7);
+}

@@ -740,6 +740,7 @@ mod tests {
         Access::Mount(MountOptions {
             fs_type: fs_type.into(),
             flags: Vec::new(),
+            group: None,
         })
     }
 
