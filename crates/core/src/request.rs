@@ -993,6 +993,88 @@ impl TryFrom<&csi::NodePublishVolumeRequest> for NodePublish {
     }
 }
 
+/// Volume attribute the kubelet sets on a CSI ephemeral inline volume's NodePublishVolume.
+pub const ATTR_EPHEMERAL: &str = "csi.storage.k8s.io/ephemeral";
+/// Prefix of the volume attributes the kubelet adds itself (pod name, namespace, …).
+const ATTR_KUBELET_PREFIX: &str = "csi.storage.k8s.io/";
+/// Name prefix of the volumes made for ephemeral inline volumes: `ephemeral/<kubelet's
+/// volume handle>`, so the handle finds its volume again after a restart.
+pub const EPHEMERAL_NAME_PREFIX: &str = "ephemeral/";
+
+/// Whether a NodePublishVolume is for a CSI ephemeral inline volume.
+pub fn is_ephemeral(req: &csi::NodePublishVolumeRequest) -> bool {
+    req.volume_context.get(ATTR_EPHEMERAL).map(String::as_str) == Some("true")
+}
+
+/// The name of the volume made for the ephemeral volume with the kubelet's handle `handle`.
+pub fn ephemeral_name(handle: &str) -> Result<VolumeName> {
+    if handle.is_empty() {
+        return Err(Error::invalid("volume_id is required"));
+    }
+    check_csi_string("volume_id", handle)?;
+    VolumeName::parse(&format!("{EPHEMERAL_NAME_PREFIX}{handle}")).map_err(|e| {
+        Error::InvalidArgument(format!(
+            "volume_id {handle:?} cannot name an ephemeral volume: {e}"
+        ))
+    })
+}
+
+/// A validated NodePublishVolume of a CSI ephemeral inline volume: the volume is made on the
+/// spot, from the pod's volume attributes `pool` and `size` (known keys only, besides the
+/// kubelet's own `csi.storage.k8s.io/…`), and is a filesystem volume.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EphemeralPublish {
+    /// The kubelet's handle (its `volume_id`).
+    pub handle: String,
+    pub name: VolumeName,
+    pub target: HostPath,
+    pub capability: Capability,
+    pub readonly: bool,
+    pub params: VolumeParams,
+    /// Bytes asked for (None: the pool's default size).
+    pub size: Option<u64>,
+}
+
+impl TryFrom<&csi::NodePublishVolumeRequest> for EphemeralPublish {
+    type Error = Error;
+    fn try_from(req: &csi::NodePublishVolumeRequest) -> Result<Self> {
+        let name = ephemeral_name(&req.volume_id)?;
+        let target = HostPath::parse("target_path", &req.target_path)?;
+        let capability = capability_required(req.volume_capability.as_ref())?;
+        if capability.is_block() {
+            return Err(Error::invalid(
+                "an ephemeral inline volume is a filesystem volume; block access is not supported",
+            ));
+        }
+        check_map("volume_context", &req.volume_context)?;
+        let mut params = HashMap::new();
+        let mut size = None;
+        for (k, v) in &req.volume_context {
+            match k.as_str() {
+                PARAM_POOL => {
+                    params.insert(k.clone(), v.clone());
+                }
+                "size" => size = Some(crate::size::parse_size(v)?),
+                k if k.starts_with(ATTR_KUBELET_PREFIX) => {}
+                other => {
+                    return Err(Error::InvalidArgument(format!(
+                        "volume attribute {other:?} is not supported for ephemeral volumes (known: pool, size)"
+                    )))
+                }
+            }
+        }
+        Ok(EphemeralPublish {
+            handle: req.volume_id.clone(),
+            name,
+            target,
+            capability,
+            readonly: req.readonly,
+            params: VolumeParams::from_wire(&params)?,
+            size,
+        })
+    }
+}
+
 /// A validated NodeUnpublishVolume.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeUnpublish {

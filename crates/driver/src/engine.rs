@@ -197,6 +197,7 @@ impl Engine {
         self.reconcile_snapshots()?;
         self.reconcile_publications()?;
         self.recover_staged_volumes()?;
+        self.reconcile_ephemeral()?;
         self.enforce_quotas_on_old_volumes()?;
         self.report_orphans()?;
         self.ready.store(true, Ordering::Release);

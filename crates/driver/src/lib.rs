@@ -8,6 +8,7 @@ pub mod authority;
 pub mod crash;
 pub mod durable;
 pub mod engine;
+pub mod ephemeral;
 pub mod guard;
 pub mod node;
 pub mod pool;

@@ -1038,7 +1038,11 @@ impl csi::node_server::Node for Driver {
             "NodePublishVolume",
             &subject,
             move |e| {
-                e.node_publish(NodePublish::try_from(&req)?)?;
+                if stowage_core::request::is_ephemeral(&req) {
+                    e.ephemeral_publish(stowage_core::request::EphemeralPublish::try_from(&req)?)?;
+                } else {
+                    e.node_publish(NodePublish::try_from(&req)?)?;
+                }
                 Ok(csi::NodePublishVolumeResponse {})
             },
         )
@@ -1057,7 +1061,16 @@ impl csi::node_server::Node for Driver {
             "NodeUnpublishVolume",
             &subject,
             move |e| {
-                e.node_unpublish(NodeUnpublish::try_from(&req)?)?;
+                // The kubelet names an ephemeral volume by its own handle.
+                match e.ephemeral_volume(&req.volume_id)? {
+                    Some(vol) => e.ephemeral_unpublish(
+                        &vol,
+                        ExistingPath::parse("target_path", &req.target_path)?,
+                    )?,
+                    // A retry after the ephemeral volume was already removed: done.
+                    None if e.ephemeral_gone(&req.volume_id, &req.target_path)? => {}
+                    None => e.node_unpublish(NodeUnpublish::try_from(&req)?)?,
+                }
                 Ok(csi::NodeUnpublishVolumeResponse {})
             },
         )
@@ -1075,7 +1088,13 @@ impl csi::node_server::Node for Driver {
             Cost::Blocking,
             "NodeGetVolumeStats",
             &subject,
-            move |e| e.node_stats(NodeStats::try_from(&req)?),
+            move |e| {
+                let mut req = req;
+                if let Some(vol) = e.ephemeral_volume(&req.volume_id)? {
+                    req.volume_id = vol.id.to_string();
+                }
+                e.node_stats(NodeStats::try_from(&req)?)
+            },
         )
         .await
     }

@@ -676,6 +676,18 @@ impl Store {
         rows.collect::<rusqlite::Result<_>>().map_err(db_err)
     }
 
+    /// Volumes whose CO name starts with `prefix`, in any state.
+    pub fn volumes_named_like(&self, prefix: &str) -> Result<Vec<VolumeRecord>> {
+        let conn = self.conn();
+        let mut st = conn
+            .prepare_cached(&format!(
+                "SELECT {VOLUME_COLUMNS} FROM volumes WHERE substr(name, 1, length(?1)) = ?1 ORDER BY seq"
+            ))
+            .map_err(db_err)?;
+        let rows = st.query_map([prefix], volume_from_row).map_err(db_err)?;
+        rows.collect::<rusqlite::Result<_>>().map_err(db_err)
+    }
+
     /// Ids of every volume record, in any state.
     pub fn volume_ids(&self) -> Result<Vec<String>> {
         let conn = self.conn();

@@ -372,10 +372,10 @@ async fn every_overlay_matches_what_the_binary_advertises() {
         assert_eq!(spec["fsGroupPolicy"], "File");
         assert_eq!(spec["requiresRepublish"], false);
         assert_eq!(spec["podInfoOnMount"], true);
-        // Ephemeral inline volumes are not implemented.
+        // Persistent volumes and CSI ephemeral inline volumes.
         assert_eq!(
             spec["volumeLifecycleModes"],
-            serde_json::json!(["Persistent"])
+            serde_json::json!(["Persistent", "Ephemeral"])
         );
 
         // Sidecars present exactly when the driver can serve them.

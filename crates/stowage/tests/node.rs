@@ -1087,3 +1087,108 @@ async fn volume_mount_group_reaches_the_volume_and_nothing_else() {
     })
     .await
 }
+
+/// CSI ephemeral inline volumes: NodePublishVolume with `csi.storage.k8s.io/ephemeral` makes
+/// a volume of the attributes' size, NodeUnpublishVolume of the kubelet's handle removes it;
+/// a crash between the create and the publish leaks nothing after the restart.
+#[tokio::test]
+async fn ephemeral_inline_volumes_live_and_die_with_their_publication() {
+    if !root_or_skip("ephemeral_inline_volumes_live_and_die_with_their_publication") {
+        return;
+    }
+    bounded(async {
+        let mut h = Harness::start(&[]).await;
+        let handle = format!("csi-{}", "ab".repeat(32));
+        let target = h
+            .kubelet()
+            .join("pods/uid-eph/volumes/kubernetes.io~csi/scratch/mount");
+        std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+        let req = |ctx: &[(&str, &str)]| csi::NodePublishVolumeRequest {
+            volume_id: handle.clone(),
+            target_path: target.display().to_string(),
+            volume_capability: Some(mount_cap(Mode::SingleNodeWriter)),
+            volume_context: ctx
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..Default::default()
+        };
+        let ctx = [
+            ("csi.storage.k8s.io/ephemeral", "true"),
+            ("csi.storage.k8s.io/pod.name", "scratch-pod"),
+            ("size", "8Mi"),
+        ];
+        let mut n = h.node().await;
+        let mut bad = ctx.to_vec();
+        bad.push(("replicas", "3"));
+        assert_eq!(
+            code(n.node_publish_volume(req(&bad)).await),
+            Code::InvalidArgument
+        );
+        n.node_publish_volume(req(&ctx)).await.unwrap();
+        n.node_publish_volume(req(&ctx)).await.unwrap();
+        assert!(mount_count(&target) >= 1, "the target is a mount");
+        std::fs::write(target.join("scratch"), b"tmp").unwrap();
+        let entries = listed(&h).await;
+        assert_eq!(entries.len(), 1);
+        assert_eq!(entries[0].volume.as_ref().unwrap().capacity_bytes, 8 << 20);
+        let stats = n
+            .node_get_volume_stats(csi::NodeGetVolumeStatsRequest {
+                volume_id: handle.clone(),
+                volume_path: target.display().to_string(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(!stats.usage.is_empty());
+        let unpublish = csi::NodeUnpublishVolumeRequest {
+            volume_id: handle.clone(),
+            target_path: target.display().to_string(),
+        };
+        n.node_unpublish_volume(unpublish.clone()).await.unwrap();
+        n.node_unpublish_volume(unpublish).await.unwrap();
+        assert_eq!(mount_count(&target), 0);
+        assert!(
+            listed(&h).await.is_empty(),
+            "the volume went with its publication"
+        );
+        assert_eq!(std::fs::read_dir(h.pool_volumes()).unwrap().count(), 0);
+
+        // A crash right after the create: the restart removes the unpublished volume.
+        h.stop();
+        h.env = vec![(
+            "STOWAGE_TEST_CRASH_AT".to_owned(),
+            "ephemeral-after-create".to_owned(),
+        )];
+        h.spawn().await;
+        let mut n = h.node().await;
+        assert_ne!(code(n.node_publish_volume(req(&ctx)).await), Code::Ok);
+        assert!(h.await_crash());
+        h.env.clear();
+        h.spawn().await;
+        assert!(listed(&h).await.is_empty(), "nothing leaked by the crash");
+        assert_eq!(std::fs::read_dir(h.pool_volumes()).unwrap().count(), 0);
+        // The kubelet's retry then works from scratch.
+        let mut n = h.node().await;
+        n.node_publish_volume(req(&ctx)).await.unwrap();
+        n.node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
+            volume_id: handle.clone(),
+            target_path: target.display().to_string(),
+        })
+        .await
+        .unwrap();
+        assert!(listed(&h).await.is_empty());
+    })
+    .await
+}
+
+async fn listed(h: &Harness) -> Vec<csi::list_volumes_response::Entry> {
+    h.controller()
+        .await
+        .list_volumes(csi::ListVolumesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .entries
+}
