@@ -29,7 +29,30 @@ pub const PROJECT_ID_BASE: u64 = 2_000_000_000;
 
 const SCHEMA_VERSION: i64 = 3;
 
-const SCHEMA: &str = "
+/// The snapshots table, as a fresh store has it and as version 3 added it.
+macro_rules! snapshots_table {
+    () => {
+        "
+CREATE TABLE snapshots (
+    seq           INTEGER PRIMARY KEY AUTOINCREMENT,
+    id            TEXT    NOT NULL UNIQUE,
+    name          TEXT    NOT NULL UNIQUE,
+    source_volume TEXT    NOT NULL,
+    pool          TEXT    NOT NULL,
+    size          INTEGER NOT NULL,
+    state         TEXT    NOT NULL CHECK (state IN ('creating', 'ready', 'deleting')),
+    block         INTEGER NOT NULL,
+    fs_type       TEXT,
+    block_size    INTEGER,
+    created_at_ns INTEGER NOT NULL
+);
+CREATE INDEX snapshots_source ON snapshots (source_volume);
+"
+    };
+}
+
+const SCHEMA: &str = concat!(
+    "
 CREATE TABLE volumes (
     seq           INTEGER PRIMARY KEY AUTOINCREMENT,
     id            TEXT    NOT NULL UNIQUE,
@@ -60,21 +83,9 @@ CREATE TABLE publications (
     staging_path  TEXT
 );
 CREATE INDEX publications_volume ON publications (volume_id);
-CREATE TABLE snapshots (
-    seq           INTEGER PRIMARY KEY AUTOINCREMENT,
-    id            TEXT    NOT NULL UNIQUE,
-    name          TEXT    NOT NULL UNIQUE,
-    source_volume TEXT    NOT NULL,
-    pool          TEXT    NOT NULL,
-    size          INTEGER NOT NULL,
-    state         TEXT    NOT NULL CHECK (state IN ('creating', 'ready', 'deleting')),
-    block         INTEGER NOT NULL,
-    fs_type       TEXT,
-    block_size    INTEGER,
-    created_at_ns INTEGER NOT NULL
+",
+    snapshots_table!()
 );
-CREATE INDEX snapshots_source ON snapshots (source_volume);
-";
 
 /// Version 1 to 2: what an `image` volume keeps for its whole life (the filesystem made on
 /// it, the block size of its loop device) and whether it is fully allocated. Existing rows
@@ -86,23 +97,10 @@ ALTER TABLE volumes ADD COLUMN full_alloc INTEGER NOT NULL DEFAULT 0;
 ";
 
 /// Version 2 to 3: snapshots, and where a volume's content came from.
-const MIGRATE_2_TO_3: &str = "
-ALTER TABLE volumes ADD COLUMN source TEXT;
-CREATE TABLE snapshots (
-    seq           INTEGER PRIMARY KEY AUTOINCREMENT,
-    id            TEXT    NOT NULL UNIQUE,
-    name          TEXT    NOT NULL UNIQUE,
-    source_volume TEXT    NOT NULL,
-    pool          TEXT    NOT NULL,
-    size          INTEGER NOT NULL,
-    state         TEXT    NOT NULL CHECK (state IN ('creating', 'ready', 'deleting')),
-    block         INTEGER NOT NULL,
-    fs_type       TEXT,
-    block_size    INTEGER,
-    created_at_ns INTEGER NOT NULL
+const MIGRATE_2_TO_3: &str = concat!(
+    "ALTER TABLE volumes ADD COLUMN source TEXT;\n",
+    snapshots_table!()
 );
-CREATE INDEX snapshots_source ON snapshots (source_volume);
-";
 
 /// Lifecycle state of a volume or snapshot record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -29,9 +29,9 @@ use stowage_sys::fs as sysfs;
 use stowage_sys::{qgroup_id, qgroup_name, BtrfsQuotaMode, Errno, Kernel, Qgroup};
 
 use super::{
-    sys_error as sys, Condition, Mark, PoolBackend, PoolCapacity, Source, StageRequest, VolumeUsage,
+    sys_error as sys, Condition, Mark, PoolBackend, PoolCapacity, StageRequest, VolumeUsage,
 };
-use crate::store::{SnapshotRecord, VolumeRecord};
+use crate::store::VolumeRecord;
 
 mod snapshots;
 
@@ -898,31 +898,6 @@ impl PoolBackend for BtrfsBackend {
             Some(sid) => self.sweep(vol, sid).map(drop),
             None => Ok(()),
         }
-    }
-
-    fn snapshot_method(&self) -> String {
-        "read-only btrfs subvolume snapshot; restores and clones are writable snapshots \
-         (constant time)"
-            .to_owned()
-    }
-
-    fn create_snapshot(&self, snap: &SnapshotRecord, source: Source<'_>) -> Result<()> {
-        self.take_snapshot(snap, source)
-    }
-
-    fn delete_snapshot(&self, snap: &SnapshotRecord) -> Result<()> {
-        self.remove_snapshot(snap)
-    }
-
-    fn create_from(&self, vol: &VolumeRecord, source: Source<'_>) -> Result<()> {
-        self.fill(vol, source)
-    }
-
-    fn snapshot_names(&self) -> Result<Vec<String>> {
-        sysfs::entry_names(self.snapshots.as_fd()).map_err(sys(format!(
-            "listing the snapshots of pool {:?}",
-            self.name
-        )))
     }
 
     fn condition(&self, vol: &VolumeRecord) -> Condition {

@@ -13,10 +13,10 @@ use stowage_sys::fs as sysfs;
 use stowage_sys::{Errno, Kernel, QuotaSupport};
 
 use super::{
-    sys_error as sys, Condition, Mark, PoolBackend, PoolCapacity, Source, StageRequest, VolumeUsage,
+    sys_error as sys, Condition, Mark, PoolBackend, PoolCapacity, StageRequest, VolumeUsage,
 };
 use crate::durable::GroupSync;
-use crate::store::{SnapshotRecord, VolumeRecord};
+use crate::store::VolumeRecord;
 
 mod snapshots;
 
@@ -179,31 +179,6 @@ impl PoolBackend for DirBackend {
             self.put_under_quota(dir.as_fd(), vol)?;
         }
         self.sync_volumes()
-    }
-
-    fn snapshot_method(&self) -> String {
-        "copy of the volume's tree, fd-relative, symlinks kept as symlinks, per-file reflinks \
-         where the filesystem allows (time grows with the data)"
-            .to_owned()
-    }
-
-    fn create_snapshot(&self, snap: &SnapshotRecord, source: Source<'_>) -> Result<()> {
-        self.take_snapshot(snap, source)
-    }
-
-    fn delete_snapshot(&self, snap: &SnapshotRecord) -> Result<()> {
-        self.remove_snapshot(snap)
-    }
-
-    fn create_from(&self, vol: &VolumeRecord, source: Source<'_>) -> Result<()> {
-        self.fill(vol, source)
-    }
-
-    fn snapshot_names(&self) -> Result<Vec<String>> {
-        sysfs::entry_names(self.snapshots.as_fd()).map_err(sys(format!(
-            "listing the snapshots of pool {:?}",
-            self.name
-        )))
     }
 
     /// Removes the volume's tree fd-relative, never following a link nor entering another

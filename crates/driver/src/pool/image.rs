@@ -26,10 +26,10 @@ use stowage_sys::{
 };
 
 use super::{
-    sys_error as sys, Condition, Mark, PoolBackend, PoolCapacity, Source, StageRequest,
-    VolumeLayout, VolumeUsage,
+    sys_error as sys, Condition, Mark, PoolBackend, PoolCapacity, StageRequest, VolumeLayout,
+    VolumeUsage,
 };
-use crate::store::{SnapshotRecord, VolumeRecord};
+use crate::store::VolumeRecord;
 
 mod snapshots;
 
@@ -358,35 +358,8 @@ impl PoolBackend for ImageBackend {
         Ok(false)
     }
 
-    fn snapshot_method(&self) -> String {
-        self.snapshot_method_text()
-    }
-
     fn recover_staged(&self, vol: &VolumeRecord, staged: BorrowedFd<'_>) -> Result<()> {
         self.thaw_if_frozen(vol, staged)
-    }
-
-    fn create_snapshot(&self, snap: &SnapshotRecord, source: Source<'_>) -> Result<()> {
-        self.take_snapshot(snap, source)
-    }
-
-    fn delete_snapshot(&self, snap: &SnapshotRecord) -> Result<()> {
-        self.remove_snapshot(snap)
-    }
-
-    fn create_from(&self, vol: &VolumeRecord, source: Source<'_>) -> Result<()> {
-        self.fill(vol, source)
-    }
-
-    fn snapshot_names(&self) -> Result<Vec<String>> {
-        Ok(sysfs::entry_names(self.snapshots.as_fd())
-            .map_err(sys(format!(
-                "listing the snapshots of pool {:?}",
-                self.name
-            )))?
-            .into_iter()
-            .map(|n| n.strip_suffix(SUFFIX).map(str::to_owned).unwrap_or(n))
-            .collect())
     }
 
     /// Volume ids of the images in the pool (and other names as they are).

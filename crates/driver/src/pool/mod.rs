@@ -128,7 +128,35 @@ pub enum Source<'a> {
 ///
 /// Paths of the pool are reached fd-relative from a directory the backend opened at start;
 /// a volume id is one safe path component by construction.
-pub trait PoolBackend: Send + Sync + Debug {
+/// Snapshots and clones of one pool kind (controller side), kept apart from the rest of the
+/// seam so each kind's snapshot code lives in its own file; called with the guards of the
+/// snapshot and the source held.
+pub trait SnapshotBackend {
+    /// How this pool takes a snapshot and fills a volume from one, in a few words, for the
+    /// start-up log ("read-only subvolume snapshot", "reflink of the image file", …).
+    fn snapshot_method(&self) -> String;
+
+    /// Takes snapshot `snap` (recorded `creating`) of the volume `source` names into the
+    /// pool's snapshot storage, where no consumer can reach it, independent of the volume
+    /// from then on. Whatever an earlier attempt left under the snapshot's id is replaced.
+    /// Durable on return (the caller then records it `ready`).
+    fn create_snapshot(&self, snap: &SnapshotRecord, source: Source<'_>) -> Result<()>;
+
+    /// Removes a snapshot's storage. Absent is not an error. Durable on return.
+    fn delete_snapshot(&self, snap: &SnapshotRecord) -> Result<()>;
+
+    /// Fills volume `vol` (recorded `creating`, with a capacity at least the source's) from
+    /// `source` and puts it under its limit, as [`PoolBackend::create`] does for an empty
+    /// one. Whatever an earlier attempt left of `vol` was removed by the caller (with
+    /// [`PoolBackend::delete`]). Durable on return.
+    fn create_from(&self, vol: &VolumeRecord, source: Source<'_>) -> Result<()>;
+
+    /// Names of the entries in the pool's snapshot storage, for the report of data no
+    /// snapshot record names.
+    fn snapshot_names(&self) -> Result<Vec<String>>;
+}
+
+pub trait PoolBackend: SnapshotBackend + Send + Sync + Debug {
     // ---- what the pool offers
 
     /// Whether it can serve raw block volumes.
@@ -211,31 +239,6 @@ pub trait PoolBackend: Send + Sync + Debug {
     fn watch(&self, _vol: &VolumeRecord) -> Result<()> {
         Ok(())
     }
-
-    // ---- snapshots and clones (controller side)
-
-    /// How this pool takes a snapshot and fills a volume from one, in a few words, for the
-    /// start-up log ("read-only subvolume snapshot", "reflink of the image file", …).
-    fn snapshot_method(&self) -> String;
-
-    /// Takes snapshot `snap` (recorded `creating`) of the volume `source` names into the
-    /// pool's snapshot storage, where no consumer can reach it, independent of the volume
-    /// from then on. Whatever an earlier attempt left under the snapshot's id is replaced.
-    /// Durable on return (the caller then records it `ready`).
-    fn create_snapshot(&self, snap: &SnapshotRecord, source: Source<'_>) -> Result<()>;
-
-    /// Removes a snapshot's storage. Absent is not an error. Durable on return.
-    fn delete_snapshot(&self, snap: &SnapshotRecord) -> Result<()>;
-
-    /// Fills volume `vol` (recorded `creating`, with a capacity at least the source's) from
-    /// `source` and puts it under its limit, as [`PoolBackend::create`] does for an empty
-    /// one. Whatever an earlier attempt left of `vol` was removed by the caller (with
-    /// [`PoolBackend::delete`]). Durable on return.
-    fn create_from(&self, vol: &VolumeRecord, source: Source<'_>) -> Result<()>;
-
-    /// Names of the entries in the pool's snapshot storage, for the report of data no
-    /// snapshot record names.
-    fn snapshot_names(&self) -> Result<Vec<String>>;
 
     /// The condition of the volume's backing storage; never fails (a check that cannot be
     /// made is itself abnormal, saying why).
@@ -341,6 +344,7 @@ impl Pool {
     pub fn with_backend(cfg: &PoolConfig, backend: Box<dyn PoolBackend>) -> Result<Self> {
         let mut context = backend.context();
         context.insert("pool".to_owned(), cfg.name.clone());
+        tracing::info!(pool = %cfg.name, snapshots = %backend.snapshot_method(), "how the pool takes snapshots");
         Ok(Pool {
             name: cfg.name.clone(),
             kind: cfg.kind,
@@ -423,6 +427,25 @@ pub(crate) fn open_pool_dir(cfg: &PoolConfig, sub: &str) -> Result<(OwnedFd, Str
     let fs_type = sysfs::fs_type_name(dir.as_fd())
         .map_err(sys_error(format!("pool {:?}: statfs", cfg.name)))?;
     Ok((dir, fs_type))
+}
+
+/// Names in a pool's snapshot directory with `suffix` taken off (the snapshot ids, and
+/// whatever else is there as it is), for the report of entries no record names.
+pub(crate) fn snapshot_entries(
+    dir: BorrowedFd<'_>,
+    pool: &str,
+    suffix: &str,
+) -> Result<Vec<String>> {
+    Ok(sysfs::entry_names(dir)
+        .map_err(sys_error(format!("listing the snapshots of pool {pool:?}")))?
+        .into_iter()
+        .map(|n| {
+            n.strip_suffix(suffix)
+                .filter(|_| !suffix.is_empty())
+                .map(str::to_owned)
+                .unwrap_or(n)
+        })
+        .collect())
 }
 
 pub(crate) fn open_volume_dir(

@@ -15,7 +15,7 @@ use stowage_core::{Error, Result};
 use stowage_sys::fs as sysfs;
 use stowage_sys::Errno;
 
-use super::super::Source;
+use super::super::{SnapshotBackend, Source};
 use super::{group_of, sys, BtrfsBackend};
 use crate::store::{SnapshotRecord, VolumeRecord};
 
@@ -41,9 +41,37 @@ impl BtrfsBackend {
             Source::Volume { vol, .. } => self.open_volume(&vol.id),
         }
     }
+}
 
+impl SnapshotBackend for BtrfsBackend {
+    fn snapshot_method(&self) -> String {
+        "read-only btrfs subvolume snapshot; restores and clones are writable snapshots \
+         (constant time)"
+            .to_owned()
+    }
+
+    fn snapshot_names(&self) -> Result<Vec<String>> {
+        super::super::snapshot_entries(self.snapshots.as_fd(), &self.name, "")
+    }
+
+    /// A read-only snapshot of the volume's subvolume, replacing what an earlier attempt
+    /// left under the snapshot's id.
+    fn create_snapshot(&self, snap: &SnapshotRecord, source: Source<'_>) -> Result<()> {
+        self.delete_snapshot(snap)?;
+        let root = self.source_root(&source)?;
+        self.kernel
+            .btrfs_snapshot(self.snapshots.as_fd(), snap.id.as_str(), root.as_fd(), true)
+            .map_err(sys(format!(
+                "taking snapshot {} in pool {:?}",
+                snap.id, self.name
+            )))?;
+        // Durable already: btrfs makes a snapshot inside a transaction commit, which the
+        // ioctl waits for; a second commit here would only add its latency.
+        crate::crash::point("btrfs-snapshot-after-create");
+        Ok(())
+    }
     /// Destroys the snapshot subvolume `snap` and removes its qgroup; absent is fine.
-    pub(super) fn remove_snapshot(&self, snap: &SnapshotRecord) -> Result<()> {
+    fn delete_snapshot(&self, snap: &SnapshotRecord) -> Result<()> {
         let id = snap.id.as_str();
         let sid = match self.open_snapshot(snap) {
             Ok(root) => Some(
@@ -82,26 +110,8 @@ impl BtrfsBackend {
         }
         self.commit()
     }
-
-    /// A read-only snapshot of the volume's subvolume, replacing what an earlier attempt
-    /// left under the snapshot's id.
-    pub(super) fn take_snapshot(&self, snap: &SnapshotRecord, source: Source<'_>) -> Result<()> {
-        self.remove_snapshot(snap)?;
-        let root = self.source_root(&source)?;
-        self.kernel
-            .btrfs_snapshot(self.snapshots.as_fd(), snap.id.as_str(), root.as_fd(), true)
-            .map_err(sys(format!(
-                "taking snapshot {} in pool {:?}",
-                snap.id, self.name
-            )))?;
-        // Durable already: btrfs makes a snapshot inside a transaction commit, which the
-        // ioctl waits for; a second commit here would only add its latency.
-        crate::crash::point("btrfs-snapshot-after-create");
-        Ok(())
-    }
-
     /// A writable snapshot of the source at the volume's place, limited to its capacity.
-    pub(super) fn fill(&self, vol: &VolumeRecord, source: Source<'_>) -> Result<()> {
+    fn create_from(&self, vol: &VolumeRecord, source: Source<'_>) -> Result<()> {
         let root = self.source_root(&source)?;
         let id = vol.id.as_str();
         self.kernel

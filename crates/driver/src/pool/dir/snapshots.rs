@@ -17,7 +17,7 @@ use stowage_core::{Error, Result};
 use stowage_sys::copy::{copy_tree_into, copy_tree_with_progress, CopyStats};
 use stowage_sys::{fs as sysfs, Errno};
 
-use super::super::Source;
+use super::super::{SnapshotBackend, Source};
 use super::{sys, DirBackend, PoolBackend};
 use crate::store::{SnapshotRecord, VolumeRecord};
 
@@ -90,24 +90,32 @@ impl DirBackend {
             self.name
         )))
     }
+}
 
-    /// Removes a snapshot's tree (never following a link nor entering a mount); absent is
-    /// fine.
-    pub(super) fn remove_snapshot(&self, snap: &SnapshotRecord) -> Result<()> {
-        sysfs::remove_tree_at(self.snapshots.as_fd(), snap.id.as_str())
-            .map_err(remove_error(format!("snapshot {}", snap.id)))?;
-        self.sync_snapshots()
+fn copy_into(src: BorrowedFd<'_>, dst: BorrowedFd<'_>, what: &str) -> Result<CopyStats> {
+    copy_tree_into(src, dst, &mut progress(what)).map_err(sys(format!("copying {what}")))
+}
+
+impl SnapshotBackend for DirBackend {
+    fn snapshot_method(&self) -> String {
+        "copy of the volume's tree, fd-relative, symlinks kept as symlinks, per-file reflinks \
+         where the filesystem allows (time grows with the data)"
+            .to_owned()
+    }
+
+    fn snapshot_names(&self) -> Result<Vec<String>> {
+        super::super::snapshot_entries(self.snapshots.as_fd(), &self.name, "")
     }
 
     /// Copies the volume's tree into the snapshot area, replacing what an earlier attempt
     /// left.
-    pub(super) fn take_snapshot(&self, snap: &SnapshotRecord, source: Source<'_>) -> Result<()> {
+    fn create_snapshot(&self, snap: &SnapshotRecord, source: Source<'_>) -> Result<()> {
         let Source::Volume { vol, .. } = source else {
             return Err(Error::Internal(
                 "a snapshot is taken of a volume, not of another snapshot".to_owned(),
             ));
         };
-        self.remove_snapshot(snap)?;
+        self.delete_snapshot(snap)?;
         let dir = self.open_volume(&vol.id)?;
         let what = format!("volume {} into snapshot {}", vol.id, snap.id);
         let started = Instant::now();
@@ -123,7 +131,7 @@ impl DirBackend {
                 // far must not stay in the snapshot area, unlisted and uncharged, until a
                 // retry under the same name or the next start (the record stays `creating`,
                 // so a retry reuses the id).
-                if let Err(undo) = self.remove_snapshot(snap) {
+                if let Err(undo) = self.delete_snapshot(snap) {
                     tracing::warn!(snapshot = %snap.id, error = %undo, "could not remove a failed snapshot copy");
                 }
                 return Err(sys(format!("copying {what}"))(e));
@@ -133,9 +141,15 @@ impl DirBackend {
         done(&what, &stats, started);
         self.sync_snapshots()
     }
-
+    /// Removes a snapshot's tree (never following a link nor entering a mount); absent is
+    /// fine.
+    fn delete_snapshot(&self, snap: &SnapshotRecord) -> Result<()> {
+        sysfs::remove_tree_at(self.snapshots.as_fd(), snap.id.as_str())
+            .map_err(remove_error(format!("snapshot {}", snap.id)))?;
+        self.sync_snapshots()
+    }
     /// Makes the volume's directory (with its quota), then copies the source's tree into it.
-    pub(super) fn fill(&self, vol: &VolumeRecord, source: Source<'_>) -> Result<()> {
+    fn create_from(&self, vol: &VolumeRecord, source: Source<'_>) -> Result<()> {
         let (src, what) = match source {
             Source::Snapshot(snap) => (
                 self.open_snapshot(snap)?,
@@ -153,8 +167,4 @@ impl DirBackend {
         done(&what, &stats, started);
         self.sync_volumes()
     }
-}
-
-fn copy_into(src: BorrowedFd<'_>, dst: BorrowedFd<'_>, what: &str) -> Result<CopyStats> {
-    copy_tree_into(src, dst, &mut progress(what)).map_err(sys(format!("copying {what}")))
 }

@@ -18,7 +18,7 @@ use stowage_sys::copy::{clone_file_at, CloneMethod};
 use stowage_sys::image as img;
 use stowage_sys::{fs as sysfs, Frozen};
 
-use super::super::Source;
+use super::super::{SnapshotBackend, Source};
 use super::{allocation, image_name, sync_image, sys, ImageBackend, SUFFIX};
 use crate::store::{SnapshotRecord, VolumeRecord};
 
@@ -30,12 +30,6 @@ fn snapshot_name(snap: &SnapshotRecord) -> String {
 const IMAGE_MODE: u32 = 0o600;
 
 impl ImageBackend {
-    pub(super) fn snapshot_method_text(&self) -> String {
-        "clone of the image file: a reflink where the pool's filesystem can (xfs with reflink, \
-         btrfs; constant time), a sparse copy elsewhere; a staged filesystem is frozen around it"
-            .to_owned()
-    }
-
     /// Clones `src_name` of `src_dir` to `dst_name` of `dst_dir`, with the filesystem at
     /// `freeze` (a staged volume's mount) frozen around it.
     fn clone_image(
@@ -73,24 +67,45 @@ impl ImageBackend {
         Ok(method)
     }
 
-    /// Removes the snapshot's image; absent is fine.
-    pub(super) fn remove_snapshot(&self, snap: &SnapshotRecord) -> Result<()> {
-        img::remove_image(self.snapshots.as_fd(), &snapshot_name(snap)).map_err(|e| {
-            Error::internal(format!("removing the image of snapshot {}", snap.id), e)
-        })?;
-        sysfs::sync_dir(self.snapshots.as_fd()).map_err(sys(format!(
-            "syncing the snapshots of pool {:?}",
-            self.name
-        )))
+    /// At start, for a volume staged here with a filesystem: a crash between freeze and thaw
+    /// left it frozen, and every write of its consumer blocked; thaw it.
+    pub(super) fn thaw_if_frozen(&self, vol: &VolumeRecord, staged: BorrowedFd<'_>) -> Result<()> {
+        if self
+            .kernel
+            .thaw_fs(staged)
+            .map_err(|e| Error::internal(format!("thawing volume {}", vol.id), e))?
+        {
+            tracing::warn!(volume = %vol.id, "volume's filesystem was left frozen by an interrupted snapshot; thawed");
+        }
+        Ok(())
+    }
+}
+
+fn describe(source: &Source<'_>) -> String {
+    match source {
+        Source::Snapshot(s) => format!("snapshot {}", s.id),
+        Source::Volume { vol, .. } => format!("volume {}", vol.id),
+    }
+}
+
+impl SnapshotBackend for ImageBackend {
+    fn snapshot_method(&self) -> String {
+        "clone of the image file: a reflink where the pool's filesystem can (xfs with reflink, \
+         btrfs; constant time), a sparse copy elsewhere; a staged filesystem is frozen around it"
+            .to_owned()
     }
 
-    pub(super) fn take_snapshot(&self, snap: &SnapshotRecord, source: Source<'_>) -> Result<()> {
+    fn snapshot_names(&self) -> Result<Vec<String>> {
+        super::super::snapshot_entries(self.snapshots.as_fd(), &self.name, SUFFIX)
+    }
+
+    fn create_snapshot(&self, snap: &SnapshotRecord, source: Source<'_>) -> Result<()> {
         let Source::Volume { vol, staged } = source else {
             return Err(Error::Internal(
                 "a snapshot is taken of a volume, not of another snapshot".to_owned(),
             ));
         };
-        self.remove_snapshot(snap)?;
+        self.delete_snapshot(snap)?;
         // The image must exist: NOT_FOUND otherwise, before anything is frozen.
         drop(self.open_image(vol)?);
         self.clone_image(
@@ -104,10 +119,19 @@ impl ImageBackend {
             self.name
         )))
     }
-
+    /// Removes the snapshot's image; absent is fine.
+    fn delete_snapshot(&self, snap: &SnapshotRecord) -> Result<()> {
+        img::remove_image(self.snapshots.as_fd(), &snapshot_name(snap)).map_err(|e| {
+            Error::internal(format!("removing the image of snapshot {}", snap.id), e)
+        })?;
+        sysfs::sync_dir(self.snapshots.as_fd()).map_err(sys(format!(
+            "syncing the snapshots of pool {:?}",
+            self.name
+        )))
+    }
     /// The source's image cloned to the volume's, then grown to its capacity (the filesystem
     /// inside follows at its first stage).
-    pub(super) fn fill(&self, vol: &VolumeRecord, source: Source<'_>) -> Result<()> {
+    fn create_from(&self, vol: &VolumeRecord, source: Source<'_>) -> Result<()> {
         let what = format!("volume {} from {}", vol.id, describe(&source));
         match source {
             Source::Snapshot(snap) => self.clone_image(
@@ -128,25 +152,5 @@ impl ImageBackend {
             .map_err(sys(format!("growing the image of volume {}", vol.id)))?;
         sync_image(&image, &image_name(vol))?;
         sysfs::sync_dir(self.images.as_fd()).map_err(sys(format!("syncing pool {:?}", self.name)))
-    }
-
-    /// At start, for a volume staged here with a filesystem: a crash between freeze and thaw
-    /// left it frozen, and every write of its consumer blocked; thaw it.
-    pub(super) fn thaw_if_frozen(&self, vol: &VolumeRecord, staged: BorrowedFd<'_>) -> Result<()> {
-        if self
-            .kernel
-            .thaw_fs(staged)
-            .map_err(|e| Error::internal(format!("thawing volume {}", vol.id), e))?
-        {
-            tracing::warn!(volume = %vol.id, "volume's filesystem was left frozen by an interrupted snapshot; thawed");
-        }
-        Ok(())
-    }
-}
-
-fn describe(source: &Source<'_>) -> String {
-    match source {
-        Source::Snapshot(s) => format!("snapshot {}", s.id),
-        Source::Volume { vol, .. } => format!("volume {}", vol.id),
     }
 }
