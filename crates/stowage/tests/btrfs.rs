@@ -23,64 +23,17 @@ use stowage_sys::{qgroup_id, Kernel, LinuxKernel};
 
 const EDQUOT: i32 = 122;
 
-/// A btrfs on a loop-mounted image; unmounted on drop (the loop device goes with it: mount
-/// sets autoclear), also when the test fails.
-struct BtrfsFs {
-    _dir: tempfile::TempDir,
-    mnt: PathBuf,
-}
-
-impl Drop for BtrfsFs {
-    fn drop(&mut self) {
-        for m in mounts_under(&self.mnt) {
-            let _ = Command::new("umount").arg("-l").arg(&m).status();
-        }
-    }
-}
-
 fn btrfs_or_skip(test: &str) -> Option<BtrfsFs> {
     if !root_or_skip(test) {
         return None;
     }
-    if Command::new("mkfs.btrfs")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
-        loud!("SKIPPED (mkfs.btrfs is not installed: btrfs-progs; .ci/run installs it): {test}");
-        return None;
+    match btrfs_fs() {
+        Ok(fs) => Some(fs),
+        Err(why) => {
+            loud!("SKIPPED ({why}): {test}");
+            None
+        }
     }
-    let dir = tempfile::Builder::new()
-        .prefix("stowage-btrfs-")
-        .tempdir()
-        .unwrap();
-    let image = dir.path().join("btrfs.img");
-    std::fs::File::create(&image)
-        .and_then(|f| f.set_len(512 << 20))
-        .unwrap();
-    let mkfs = Command::new("mkfs.btrfs")
-        .args(["-q", "-f"])
-        .arg(&image)
-        .output()
-        .unwrap();
-    assert!(mkfs.status.success(), "mkfs.btrfs: {mkfs:?}");
-    let mnt = dir.path().join("mnt");
-    std::fs::create_dir(&mnt).unwrap();
-    let fs = BtrfsFs { _dir: dir, mnt };
-    let out = Command::new("mount")
-        .args(["-o", "loop"])
-        .arg(&image)
-        .arg(&fs.mnt)
-        .output()
-        .unwrap();
-    if !out.status.success() {
-        loud!(
-            "SKIPPED (this kernel cannot loop-mount btrfs: {}): {test}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-        return None;
-    }
-    Some(fs)
 }
 
 /// The driver with the background watch off, so a test sees what a pod did before any

@@ -13,28 +13,6 @@ use common::*;
 use stowage_csi::v1 as csi;
 use stowage_csi::v1::volume_capability::access_mode::Mode;
 
-const CRASH_ENV: &str = "STOWAGE_TEST_CRASH_AT";
-
-/// Restarts the driver armed to abort at `point`, runs `call`, and checks that it did.
-async fn crash_during<F, Fut>(h: &mut Harness, point: &str, call: F)
-where
-    F: FnOnce(tonic::transport::Channel) -> Fut,
-    Fut: std::future::Future<Output = tonic::Code>,
-{
-    h.stop();
-    h.env = vec![(CRASH_ENV.to_owned(), point.to_owned())];
-    h.spawn().await;
-    let got = call(h.channel().await).await;
-    assert_ne!(
-        got,
-        tonic::Code::Ok,
-        "the call at crash point {point} answered OK"
-    );
-    assert!(h.await_crash(), "the driver did not abort at {point}");
-    h.env.clear();
-    h.spawn().await;
-}
-
 async fn listed_ids(h: &Harness) -> Vec<String> {
     let mut c = h.controller().await;
     let mut ids: Vec<String> = c

@@ -367,65 +367,6 @@ impl Drop for Swapper {
     }
 }
 
-/// A btrfs on a loop-mounted image; unmounted on drop (mount's autoclear frees the loop).
-struct BtrfsFs {
-    _dir: tempfile::TempDir,
-    mnt: PathBuf,
-}
-
-impl Drop for BtrfsFs {
-    fn drop(&mut self) {
-        for m in mounts_under(&self.mnt) {
-            let _ = Command::new("umount").arg("-l").arg(&m).status();
-        }
-    }
-}
-
-fn btrfs_fs() -> Result<BtrfsFs, String> {
-    if Command::new("mkfs.btrfs")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
-        return Err("mkfs.btrfs is not installed: btrfs-progs; .ci/run installs it".into());
-    }
-    if !Path::new("/dev/loop-control").exists() {
-        return Err("no /dev/loop-control".into());
-    }
-    let dir = tempfile::Builder::new()
-        .prefix("stowage-hostile-btrfs-")
-        .tempdir()
-        .unwrap();
-    let image = dir.path().join("btrfs.img");
-    std::fs::File::create(&image)
-        .and_then(|f| f.set_len(512 << 20))
-        .unwrap();
-    let mkfs = Command::new("mkfs.btrfs")
-        .args(["-q", "-f"])
-        .arg(&image)
-        .output()
-        .unwrap();
-    if !mkfs.status.success() {
-        return Err(format!("mkfs.btrfs failed: {mkfs:?}"));
-    }
-    let mnt = dir.path().join("mnt");
-    std::fs::create_dir(&mnt).unwrap();
-    let fs = BtrfsFs { _dir: dir, mnt };
-    let out = Command::new("mount")
-        .args(["-o", "loop"])
-        .arg(&image)
-        .arg(&fs.mnt)
-        .output()
-        .unwrap();
-    if !out.status.success() {
-        return Err(format!(
-            "this kernel cannot loop-mount btrfs: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    Ok(fs)
-}
-
 // ---------------------------------------------------------------------------------------
 // The suite.
 

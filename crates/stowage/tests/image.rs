@@ -586,8 +586,6 @@ async fn image_stats_and_missing_image() {
     .await;
 }
 
-const CRASH_ENV: &str = "STOWAGE_TEST_CRASH_AT";
-
 /// Restarts the driver armed to abort at `point`, runs the call, restarts it clean.
 async fn crash_at(p: &mut ImagePool, point: &str, call: impl std::future::Future<Output = ()>) {
     let h = p.h();

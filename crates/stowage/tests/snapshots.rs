@@ -28,7 +28,6 @@ const MIB: u64 = 1 << 20;
 /// Where the second data region of the sparse file starts.
 const FAR: u64 = 100 * MIB;
 const CHUNK: usize = 64 * 1024;
-const CRASH_ENV: &str = "STOWAGE_TEST_CRASH_AT";
 const XATTR: &str = "user.stowage.test";
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -1355,27 +1354,6 @@ async fn image_snapshots_under_writes_are_consistent() {
         agree(&s, test).await;
     })
     .await
-}
-
-/// Restarts the driver armed to abort at `point`, runs `call`, checks that it did abort, and
-/// restarts it unarmed.
-async fn crash_during<F, Fut>(h: &mut Harness, point: &str, call: F)
-where
-    F: FnOnce(tonic::transport::Channel) -> Fut,
-    Fut: std::future::Future<Output = tonic::Code>,
-{
-    h.stop();
-    h.env = vec![(CRASH_ENV.to_owned(), point.to_owned())];
-    h.spawn().await;
-    let got = call(h.channel().await).await;
-    assert_ne!(
-        got,
-        tonic::Code::Ok,
-        "the call at crash point {point} answered OK"
-    );
-    assert!(h.await_crash(), "the driver did not abort at {point}");
-    h.env.clear();
-    h.spawn().await;
 }
 
 async fn crash_snapshot(s: &mut Setup, point: &str, vol: &str) -> csi::Snapshot {

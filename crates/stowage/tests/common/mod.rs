@@ -366,3 +366,88 @@ pub async fn bounded<F: std::future::Future<Output = ()>>(f: F) {
         .await
         .expect("test took over 120 s");
 }
+
+/// A btrfs on a loop-mounted image; unmounted on drop (mount's autoclear frees the loop).
+pub struct BtrfsFs {
+    _dir: tempfile::TempDir,
+    pub mnt: PathBuf,
+}
+
+impl Drop for BtrfsFs {
+    fn drop(&mut self) {
+        for m in mounts_under(&self.mnt) {
+            let _ = Command::new("umount").arg("-l").arg(&m).status();
+        }
+    }
+}
+
+/// A fresh 512 MiB btrfs loop-mounted in a temporary directory, or why it cannot be made
+/// here (the caller prints it as a SKIPPED line).
+pub fn btrfs_fs() -> Result<BtrfsFs, String> {
+    if Command::new("mkfs.btrfs")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        return Err("mkfs.btrfs is not installed: btrfs-progs; .ci/run installs it".into());
+    }
+    if !Path::new("/dev/loop-control").exists() {
+        return Err("no /dev/loop-control".into());
+    }
+    let dir = tempfile::Builder::new()
+        .prefix("stowage-btrfs-")
+        .tempdir()
+        .unwrap();
+    let image = dir.path().join("btrfs.img");
+    std::fs::File::create(&image)
+        .and_then(|f| f.set_len(512 << 20))
+        .unwrap();
+    let mkfs = Command::new("mkfs.btrfs")
+        .args(["-q", "-f"])
+        .arg(&image)
+        .output()
+        .unwrap();
+    if !mkfs.status.success() {
+        return Err(format!("mkfs.btrfs failed: {mkfs:?}"));
+    }
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let fs = BtrfsFs { _dir: dir, mnt };
+    let out = Command::new("mount")
+        .args(["-o", "loop"])
+        .arg(&image)
+        .arg(&fs.mnt)
+        .output()
+        .unwrap();
+    if !out.status.success() {
+        return Err(format!(
+            "this kernel cannot loop-mount btrfs: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(fs)
+}
+
+/// The variable that arms a crash point of the driver (see crates/driver/src/crash.rs).
+pub const CRASH_ENV: &str = "STOWAGE_TEST_CRASH_AT";
+
+/// Restarts the driver armed to abort at `point`, runs `call`, checks that it did abort, and
+/// restarts it unarmed.
+pub async fn crash_during<F, Fut>(h: &mut Harness, point: &str, call: F)
+where
+    F: FnOnce(tonic::transport::Channel) -> Fut,
+    Fut: std::future::Future<Output = tonic::Code>,
+{
+    h.stop();
+    h.env = vec![(CRASH_ENV.to_owned(), point.to_owned())];
+    h.spawn().await;
+    let got = call(h.channel().await).await;
+    assert_ne!(
+        got,
+        tonic::Code::Ok,
+        "the call at crash point {point} answered OK"
+    );
+    assert!(h.await_crash(), "the driver did not abort at {point}");
+    h.env.clear();
+    h.spawn().await;
+}
