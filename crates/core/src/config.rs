@@ -51,6 +51,9 @@ pub enum PoolKind {
     Image,
     /// A btrfs subvolume per volume, capacity by a qgroup limit.
     Btrfs,
+    /// Directories an operator made, beneath the pool's path: pre-provisioned (static)
+    /// volumes, never created nor deleted by the driver.
+    Static,
 }
 
 /// What a `btrfs` pool may do about the filesystem's quotas (`quotas = "…"`).
@@ -72,6 +75,7 @@ impl PoolKind {
             PoolKind::Dir => "dir",
             PoolKind::Image => "image",
             PoolKind::Btrfs => "btrfs",
+            PoolKind::Static => "static",
         }
     }
 }

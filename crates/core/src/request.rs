@@ -1075,6 +1075,81 @@ impl TryFrom<&csi::NodePublishVolumeRequest> for EphemeralPublish {
     }
 }
 
+/// Prefix of the volume handle of a pre-provisioned (static) volume: `static:<pool>/<dir>`,
+/// a directory beneath the path of a `static` pool.
+pub const STATIC_PREFIX: &str = "static:";
+/// Volume attribute of a static volume: a directory beneath the handle's, bound instead.
+pub const ATTR_SUB_PATH: &str = "subPath";
+
+/// A relative path of plain components (no `.`, `..`, empty component, NUL or leading `/`),
+/// at most 4096 bytes: what a static volume's handle and its `subPath` may name. Resolving it
+/// beneath its root without following a symlink is the node's job.
+pub fn plain_relative_path(field: &str, s: &str) -> Result<std::path::PathBuf> {
+    let bad = |why: &str| Error::InvalidArgument(format!("{field} {s:?} {why}"));
+    if s.is_empty() {
+        return Err(bad("is empty"));
+    }
+    if s.len() > 4096 || s.contains('\0') {
+        return Err(bad("is longer than 4096 bytes or contains a NUL"));
+    }
+    if s.starts_with('/') {
+        return Err(bad("must be relative"));
+    }
+    if s.split('/').any(|c| c.is_empty() || c == "." || c == "..") {
+        return Err(bad(
+            "may hold only plain components (no '.', '..' or empty ones)",
+        ));
+    }
+    Ok(std::path::PathBuf::from(s))
+}
+
+/// The handle of a static volume, parsed: which pool, which directory beneath it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StaticHandle {
+    pub pool: String,
+    pub dir: std::path::PathBuf,
+}
+
+impl StaticHandle {
+    /// Parses `static:<pool>/<dir>`; None when `s` is no static handle at all.
+    pub fn parse(s: &str) -> Option<Result<Self>> {
+        let rest = s.strip_prefix(STATIC_PREFIX)?;
+        Some((|| {
+            check_csi_string("volume_id", s)?;
+            let (pool, dir) = rest.split_once('/').ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "volume_id {s:?}: a static volume handle is static:<pool>/<directory>"
+                ))
+            })?;
+            crate::config::check_pool_name(pool)
+                .map_err(|e| Error::InvalidArgument(format!("volume_id {s:?}: {e}")))?;
+            Ok(StaticHandle {
+                pool: pool.to_owned(),
+                dir: plain_relative_path("volume_id directory", dir)?,
+            })
+        })())
+    }
+}
+
+/// The `subPath` volume attribute of a static volume (None: the handle's directory itself).
+/// Other attributes than `subPath` and the kubelet's own are refused.
+pub fn static_sub_path(context: &HashMap<String, String>) -> Result<Option<std::path::PathBuf>> {
+    check_map("volume_context", context)?;
+    let mut sub = None;
+    for (k, v) in context {
+        match k.as_str() {
+            ATTR_SUB_PATH => sub = Some(plain_relative_path("subPath", v)?),
+            k if k.starts_with(ATTR_KUBELET_PREFIX) => {}
+            other => {
+                return Err(Error::InvalidArgument(format!(
+                "volume attribute {other:?} is not supported for static volumes (known: subPath)"
+            )))
+            }
+        }
+    }
+    Ok(sub)
+}
+
 /// A validated NodeUnpublishVolume.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeUnpublish {

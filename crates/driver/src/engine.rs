@@ -171,6 +171,11 @@ impl Engine {
                 continue;
             };
             let outcome = match vol.state {
+                // A static volume's record, interrupted before it was ready: forgotten (the
+                // next NodeStageVolume makes it again; the directory is the operator's).
+                VolumeState::Creating if !pool.backend().provisions() => {
+                    self.store.remove_volume(&vol.id)
+                }
                 // Filled from a source: a half copy cannot be told from a whole one, so the
                 // volume is removed; the CO's retried CreateVolume fills it anew.
                 VolumeState::Creating if vol.source.is_some() => pool
@@ -389,6 +394,12 @@ impl Engine {
         };
         let pool_name = req.params.pool.as_deref().or(source_pool.as_deref());
         let pool = Arc::clone(self.pool(pool_name)?);
+        if !pool.backend().provisions() {
+            return Err(Error::InvalidArgument(format!(
+                "pool {:?} holds pre-provisioned (static) volumes only; name another pool",
+                pool.name()
+            )));
+        }
         let block = Self::check_capabilities(&pool, &req.capabilities)?;
         if let Some(topology) = &req.topology {
             if !topology.admits(&self.identity.segments()) {

@@ -15,6 +15,7 @@ pub mod pool;
 pub mod server;
 pub mod service;
 pub mod snapshots;
+pub mod statics;
 pub mod store;
 
 pub use server::{serve, termination, ServeOptions};

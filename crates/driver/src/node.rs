@@ -1000,7 +1000,17 @@ impl csi::node_server::Node for Driver {
             "NodeStageVolume",
             &subject,
             move |e| {
-                e.node_stage(NodeStage::try_from(&req)?)?;
+                let mut req = req;
+                let static_id = e.static_volume_for_stage(&req.volume_id, &req.volume_context)?;
+                if let Some(id) = &static_id {
+                    req.volume_id = id.to_string();
+                }
+                let staged = NodeStage::try_from(&req).and_then(|r| e.node_stage(r));
+                if let (Err(_), Some(id)) = (&staged, &static_id) {
+                    // A refused static path keeps no record behind.
+                    e.forget_failed_static_stage(id)?;
+                }
+                staged?;
                 Ok(csi::NodeStageVolumeResponse {})
             },
         )
@@ -1019,6 +1029,27 @@ impl csi::node_server::Node for Driver {
             "NodeUnstageVolume",
             &subject,
             move |e| {
+                let mut req = req;
+                if crate::statics::is_static(&req.volume_id) {
+                    match e.static_volume_at(
+                        &req.volume_id,
+                        "staging_target_path",
+                        &req.staging_target_path,
+                    ) {
+                        // Not staged there (any more): nothing to do.
+                        Err(Error::NotFound(_)) => return Ok(csi::NodeUnstageVolumeResponse {}),
+                        Err(err) => return Err(err),
+                        Ok(id) => {
+                            let id = id.ok_or_else(|| {
+                                Error::Internal("a static handle without a record".to_owned())
+                            })?;
+                            req.volume_id = id.to_string();
+                            e.node_unstage(NodeUnstage::try_from(&req)?)?;
+                            e.forget_static_if_unused(&id)?;
+                            return Ok(csi::NodeUnstageVolumeResponse {});
+                        }
+                    }
+                }
                 e.node_unstage(NodeUnstage::try_from(&req)?)?;
                 Ok(csi::NodeUnstageVolumeResponse {})
             },
@@ -1040,6 +1071,17 @@ impl csi::node_server::Node for Driver {
             move |e| {
                 if stowage_core::request::is_ephemeral(&req) {
                     e.ephemeral_publish(stowage_core::request::EphemeralPublish::try_from(&req)?)?;
+                } else if crate::statics::is_static(&req.volume_id) {
+                    let id = e.static_volume_at(
+                        &req.volume_id,
+                        "staging_target_path",
+                        &req.staging_target_path,
+                    )?;
+                    let mut req = req;
+                    if let Some(id) = id {
+                        req.volume_id = id.to_string();
+                    }
+                    e.node_publish(NodePublish::try_from(&req)?)?;
                 } else {
                     e.node_publish(NodePublish::try_from(&req)?)?;
                 }
@@ -1069,6 +1111,20 @@ impl csi::node_server::Node for Driver {
                     )?,
                     // A retry after the ephemeral volume was already removed: done.
                     None if e.ephemeral_gone(&req.volume_id, &req.target_path)? => {}
+                    None if crate::statics::is_static(&req.volume_id) => {
+                        match e.static_volume_at(&req.volume_id, "target_path", &req.target_path) {
+                            // Not published there (any more): nothing to do.
+                            Err(Error::NotFound(_)) => {}
+                            Err(err) => return Err(err),
+                            Ok(id) => {
+                                let mut req = req;
+                                if let Some(id) = id {
+                                    req.volume_id = id.to_string();
+                                }
+                                e.node_unpublish(NodeUnpublish::try_from(&req)?)?;
+                            }
+                        }
+                    }
                     None => e.node_unpublish(NodeUnpublish::try_from(&req)?)?,
                 }
                 Ok(csi::NodeUnpublishVolumeResponse {})
@@ -1092,6 +1148,10 @@ impl csi::node_server::Node for Driver {
                 let mut req = req;
                 if let Some(vol) = e.ephemeral_volume(&req.volume_id)? {
                     req.volume_id = vol.id.to_string();
+                } else if let Some(id) =
+                    e.static_volume_at(&req.volume_id, "volume_path", &req.volume_path)?
+                {
+                    req.volume_id = id.to_string();
                 }
                 e.node_stats(NodeStats::try_from(&req)?)
             },

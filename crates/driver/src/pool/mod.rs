@@ -12,6 +12,7 @@
 pub mod btrfs;
 pub mod dir;
 pub mod image;
+pub mod static_dirs;
 
 use std::collections::HashMap;
 use std::fmt::{Debug, Display};
@@ -177,6 +178,11 @@ pub trait PoolBackend: SnapshotBackend + Send + Sync + Debug {
     /// its size).
     fn enforces_capacity(&self) -> bool;
 
+    /// Whether CreateVolume may make volumes here (false: pre-provisioned volumes only).
+    fn provisions(&self) -> bool {
+        true
+    }
+
     /// The smallest volume a filesystem of type `fs_type` (empty: the default) can be made
     /// on; CreateVolume rounds a smaller request up to it (within the request's limit).
     /// 0 (the default) for a kind that makes no filesystem.
@@ -336,6 +342,7 @@ impl Pool {
             PoolKind::Dir => Box::new(dir::DirBackend::open(cfg, kernel)?),
             PoolKind::Image => Box::new(image::ImageBackend::open(cfg, kernel)?),
             PoolKind::Btrfs => Box::new(btrfs::BtrfsBackend::open(cfg, kernel)?),
+            PoolKind::Static => Box::new(static_dirs::StaticBackend::open(cfg, kernel)?),
         };
         Self::with_backend(cfg, backend)
     }
