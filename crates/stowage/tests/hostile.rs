@@ -54,8 +54,6 @@ use std::os::unix::fs::symlink;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -293,77 +291,6 @@ impl Bind {
 impl Drop for Bind {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
-
-/// A thread exchanging `a` and `b` (renameat2 RENAME_EXCHANGE) in a tight loop until
-/// stopped; stopped and joined on drop.
-struct Swapper {
-    stop: Arc<AtomicBool>,
-    swaps: Arc<AtomicU64>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Swapper {
-    fn start(pairs: Vec<(PathBuf, PathBuf)>) -> Swapper {
-        let stop = Arc::new(AtomicBool::new(false));
-        let swaps = Arc::new(AtomicU64::new(0));
-        let (st, sw) = (stop.clone(), swaps.clone());
-        let thread = std::thread::spawn(move || {
-            for (a, b) in pairs.iter().cycle() {
-                if st.load(Ordering::Relaxed) {
-                    break;
-                }
-                if rustix::fs::renameat_with(
-                    rustix::fs::CWD,
-                    a,
-                    rustix::fs::CWD,
-                    b,
-                    rustix::fs::RenameFlags::EXCHANGE,
-                )
-                .is_ok()
-                {
-                    sw.fetch_add(1, Ordering::Relaxed);
-                } else {
-                    // Gone (deleted): keep trying until stopped, cheaply.
-                    std::thread::yield_now();
-                }
-            }
-        });
-        let s = Swapper {
-            stop,
-            swaps,
-            thread: Some(thread),
-        };
-        // The race is on before the call starts.
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while s.swaps.load(Ordering::Relaxed) < 100 {
-            assert!(
-                Instant::now() < deadline,
-                "the swapping thread never swapped"
-            );
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        s
-    }
-
-    /// Stops the thread; returns how many exchanges it made.
-    fn stop(mut self) -> u64 {
-        self.halt();
-        self.swaps.load(Ordering::Relaxed)
-    }
-
-    fn halt(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-impl Drop for Swapper {
-    fn drop(&mut self) {
-        self.halt();
     }
 }
 

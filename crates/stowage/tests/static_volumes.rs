@@ -174,3 +174,70 @@ async fn static_volumes_resolve_safely_and_are_never_deleted() {
     })
     .await
 }
+
+/// A pod swapping its directory for a symlink to `/` (renameat2 RENAME_EXCHANGE in a tight
+/// loop) while the kubelet stages the subPath again and again: every stage either binds the
+/// real directory or is refused; the host's root is never what got mounted.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_subpath_swapped_for_a_symlink_never_mounts_the_host() {
+    let test = "a_subpath_swapped_for_a_symlink_never_mounts_the_host";
+    if !root_or_skip(test) {
+        return;
+    }
+    bounded(async {
+        let dir = tempfile::tempdir().unwrap();
+        let shared = dir.path().join("shared");
+        std::fs::create_dir_all(shared.join("app/data")).unwrap();
+        std::fs::write(shared.join("app/data/marker"), b"ours").unwrap();
+        std::os::unix::fs::symlink("/", shared.join("app/door")).unwrap();
+        let cfg = dir.path().join("stowage.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "[[pool]]\nname = \"default\"\nkind = \"dir\"\npath = \"{}\"\n[[pool]]\nname = \"shared\"\nkind = \"static\"\npath = \"{}\"\n",
+                dir.path().join("pool").display(),
+                shared.display()
+            ),
+        )
+        .unwrap();
+        let h = Harness::start(&["--config", cfg.to_str().unwrap()]).await;
+        let mut n = h.node().await;
+        let staging = h.kubelet().join("plugins/kubernetes.io/csi/stowage.csi.dev/race/globalmount");
+        std::fs::create_dir_all(&staging).unwrap();
+        let swapper = Swapper::start(vec![(shared.join("app/data"), shared.join("app/door"))]);
+        let (mut mounted, mut refused) = (0, 0);
+        for _ in 0..200 {
+            match n
+                .node_stage_volume(stage("static:shared/app", &staging, Some("data")))
+                .await
+            {
+                Ok(_) => {
+                    mounted += 1;
+                    assert!(
+                        staging.join("marker").exists() && !staging.join("etc").exists(),
+                        "the staged mount is not the volume's own directory"
+                    );
+                    n.node_unstage_volume(csi::NodeUnstageVolumeRequest {
+                        volume_id: "static:shared/app".into(),
+                        staging_target_path: staging.display().to_string(),
+                    })
+                    .await
+                    .unwrap();
+                }
+                Err(s) => {
+                    assert!(
+                        matches!(s.code(), Code::InvalidArgument | Code::NotFound),
+                        "{s:?}"
+                    );
+                    refused += 1;
+                }
+            }
+            assert_eq!(mount_count(&staging), 0);
+        }
+        let swaps = swapper.stop();
+        assert!(swaps > 0);
+        assert_eq!(mounted + refused, 200);
+        println!("subPath race: {mounted} staged (the real directory), {refused} refused, {swaps} swaps");
+    })
+    .await
+}

@@ -487,3 +487,53 @@ fn set_group_tree_touches_only_what_is_the_volumes() {
     assert!(again.root_matched);
     assert_eq!(std::fs::metadata(vol.join("new")).unwrap().gid(), 7);
 }
+
+/// A pod swapping a directory of its volume for a symlink to a host directory while the
+/// fsGroup walk runs: the host directory's files never change group.
+#[test]
+fn set_group_tree_under_a_swap_race_never_reaches_the_host() {
+    use std::os::unix::fs::MetadataExt;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("SKIPPED (needs root to chown): set_group_tree_under_a_swap_race_never_reaches_the_host");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let host = tmp.path().join("host");
+    fs::create_dir(&host).unwrap();
+    for i in 0..20 {
+        fs::write(host.join(format!("h{i}")), b"host").unwrap();
+    }
+    let vol = tmp.path().join("vol");
+    fs::create_dir_all(vol.join("d")).unwrap();
+    for i in 0..200 {
+        fs::write(vol.join(format!("d/f{i}")), b"x").unwrap();
+    }
+    symlink(&host, vol.join("l")).unwrap();
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let st = stop.clone();
+    let (a, b) = (vol.join("d"), vol.join("l"));
+    let swapper = std::thread::spawn(move || {
+        while !st.load(Ordering::Relaxed) {
+            let _ = rustix::fs::renameat_with(
+                rustix::fs::CWD,
+                &a,
+                rustix::fs::CWD,
+                &b,
+                rustix::fs::RenameFlags::EXCHANGE,
+            );
+        }
+    });
+    let root = stowage_sys::fs::open_trusted_dir(&vol).unwrap();
+    for round in 0..50u32 {
+        // A new group each round, so the root never matches and the walk runs.
+        let _ = stowage_sys::fs::set_group_tree(root.as_fd(), 5000 + round, false);
+    }
+    stop.store(true, Ordering::Relaxed);
+    swapper.join().unwrap();
+    for e in fs::read_dir(&host).unwrap() {
+        let m = e.unwrap().metadata().unwrap();
+        assert_eq!(m.gid(), 0, "a host file changed group");
+    }
+    assert_eq!(fs::metadata(&host).unwrap().gid(), 0);
+}

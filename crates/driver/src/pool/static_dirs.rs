@@ -48,6 +48,9 @@ pub struct StaticBackend {
     /// The mount the pool's path is on; a volume's directory must be on it too.
     root_mount: u64,
     kernel: Arc<dyn Kernel>,
+    /// The mark each volume had when it was last resolved: a directory swapped for a symlink
+    /// after it was staged must not keep its mount from being recognised and removed.
+    marks: std::sync::Mutex<HashMap<String, Mark>>,
 }
 
 fn refused(what: &str, why: &str) -> Error {
@@ -74,6 +77,7 @@ impl StaticBackend {
             root,
             root_mount,
             kernel,
+            marks: std::sync::Mutex::new(HashMap::new()),
         })
     }
 
@@ -194,9 +198,23 @@ impl PoolBackend for StaticBackend {
         }
     }
 
+    /// The resolved directory's inode; when it cannot be resolved any more (swapped for a
+    /// symlink since it was staged), the inode it had then, so its mounts are still known.
     fn mark(&self, vol: &VolumeRecord) -> Result<Mark> {
-        let dir = self.resolve(vol)?;
-        super::directory_mark(dir.as_fd(), &vol.id)
+        let mut marks = self
+            .marks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match self
+            .resolve(vol)
+            .and_then(|dir| super::directory_mark(dir.as_fd(), &vol.id))
+        {
+            Ok(mark) => {
+                marks.insert(vol.id.as_str().to_owned(), mark);
+                Ok(mark)
+            }
+            Err(e) => marks.get(vol.id.as_str()).copied().ok_or(e),
+        }
     }
 
     /// Binds the resolved directory (an fd from the resolution above) onto the target.
@@ -208,6 +226,15 @@ impl PoolBackend for StaticBackend {
     ) -> Result<()> {
         let dir = self.resolve(vol)?;
         super::bind_directory(&*self.kernel, dir.as_fd(), target, how, &vol.id)
+    }
+
+    /// The staging mount is gone: its remembered mark is not needed any more.
+    fn unstage(&self, vol: &VolumeRecord) -> Result<()> {
+        self.marks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(vol.id.as_str());
+        Ok(())
     }
 
     /// The directory's own tree, walked (no symlink followed, no mount crossed); its

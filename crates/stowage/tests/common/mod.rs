@@ -451,3 +451,74 @@ where
     h.env.clear();
     h.spawn().await;
 }
+
+/// A thread exchanging `a` and `b` (renameat2 RENAME_EXCHANGE) in a tight loop until
+/// stopped; stopped and joined on drop.
+pub struct Swapper {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    swaps: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Swapper {
+    pub fn start(pairs: Vec<(PathBuf, PathBuf)>) -> Swapper {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let swaps = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (st, sw) = (stop.clone(), swaps.clone());
+        let thread = std::thread::spawn(move || {
+            for (a, b) in pairs.iter().cycle() {
+                if st.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                if rustix::fs::renameat_with(
+                    rustix::fs::CWD,
+                    a,
+                    rustix::fs::CWD,
+                    b,
+                    rustix::fs::RenameFlags::EXCHANGE,
+                )
+                .is_ok()
+                {
+                    sw.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                } else {
+                    // Gone (deleted): keep trying until stopped, cheaply.
+                    std::thread::yield_now();
+                }
+            }
+        });
+        let s = Swapper {
+            stop,
+            swaps,
+            thread: Some(thread),
+        };
+        // The race is on before the call starts.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while s.swaps.load(std::sync::atomic::Ordering::Relaxed) < 100 {
+            assert!(
+                Instant::now() < deadline,
+                "the swapping thread never swapped"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        s
+    }
+
+    /// Stops the thread; returns how many exchanges it made.
+    pub fn stop(mut self) -> u64 {
+        self.halt();
+        self.swaps.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn halt(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Swapper {
+    fn drop(&mut self) {
+        self.halt();
+    }
+}
