@@ -130,7 +130,10 @@ impl SnapshotBackend for BtrfsBackend {
         let all = self.qgroups()?;
         self.ensure_group(vol, sid, &all)?;
         self.set_limit(vol, group_of(sid), vol.capacity)?;
-        self.commit()?;
+        // No commit of its own: the snapshot ioctl committed the subvolume; the qgroup
+        // changes ride with the filesystem's next commit, and a power cut before it is healed
+        // at start, where every ready volume's qgroup and limit are made again
+        // (`ensure_limit`). A second commit would double a restore's time.
         self.map().insert(id.to_owned(), sid);
         Ok(())
     }
