@@ -376,6 +376,7 @@ impl Engine {
             .guards
             .claim(format!("volume name {:?}", req.name.as_str()))?;
         let existing = self.store.volume_by_name(req.name.as_str())?;
+        crate::phases::mark("lookup");
         // A source that is gone matters only to a volume still to be filled: a retried call
         // for a volume made from it before it was deleted still answers OK.
         let source = req.source.as_ref().map(|s| self.resolve_source(s));
@@ -454,6 +455,7 @@ impl Engine {
                 pool.check_fits(size)?;
                 let id = VolumeId::generate();
                 let (fs_type, block_size) = source.as_ref().map_or((None, None), |s| s.layout());
+                crate::phases::mark("checks");
                 self.store.insert_volume(&NewVolume {
                     id: &id,
                     name: req.name.as_str(),
@@ -476,6 +478,7 @@ impl Engine {
                 pool.backend().create(&vol)?;
                 crate::crash::point("create-after-backend");
                 self.store.set_volume_state(&vol.id, VolumeState::Ready)?;
+                crate::phases::mark("ready-write");
             }
             Some(source) => {
                 self.fill_from(&vol, &pool, &source)?;
@@ -502,6 +505,7 @@ impl Engine {
             return Ok(());
         };
         let publications = self.store.publications_of(&id)?;
+        crate::phases::mark("lookup");
         if !publications.is_empty() {
             let paths: Vec<&str> = publications.iter().map(|p| p.path.as_str()).collect();
             return Err(Error::FailedPrecondition(format!(
@@ -522,7 +526,9 @@ impl Engine {
         crate::crash::point("delete-after-intent");
         pool.backend().delete(&vol)?;
         crate::crash::point("delete-after-backend");
-        self.store.remove_volume(&id)
+        self.store.remove_volume(&id)?;
+        crate::phases::mark("remove-write");
+        Ok(())
     }
 
     /// ControllerExpandVolume: records the new capacity durably (the intent), then grows the

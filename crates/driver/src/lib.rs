@@ -10,6 +10,7 @@ pub mod durable;
 pub mod engine;
 pub mod guard;
 pub mod node;
+pub mod phases;
 pub mod pool;
 pub mod server;
 pub mod service;

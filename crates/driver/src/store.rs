@@ -493,7 +493,9 @@ impl Store {
             // Noted under the connection lock, so tickets follow the order of the WAL.
             (out, self.group.note_write())
         };
+        crate::phases::mark("intent-write");
         self.group.wait(ticket, || self.sync_wal())?;
+        crate::phases::mark("intent-flush");
         Ok(out)
     }
 
