@@ -324,7 +324,7 @@ impl Engine {
     fn to_volume(&self, vol: &VolumeRecord, pool: &Pool) -> csi::Volume {
         csi::Volume {
             capacity_bytes: vol.capacity as i64,
-            volume_id: vol.id.to_string(),
+            volume_id: vol.id.as_str().to_owned(),
             volume_context: pool.volume_context().clone(),
             content_source: vol.source.as_ref().map(ContentSource::to_wire),
             accessible_topology: vec![self.topology.clone()],
@@ -694,21 +694,25 @@ impl Engine {
                 .unwrap_or_default(),
             _ => String::new(),
         };
+        // Each entry takes the id's string from its record instead of a copy: at thousands of
+        // entries per page, every allocation per entry shows.
         let entries = rows
-            .iter()
+            .into_iter()
             .map(|(vol, published)| {
                 let pool = self.pools.get(&vol.pool);
+                let status = self.status(&vol, pool.map(|p| &**p), published);
+                let content_source = vol.source.as_ref().map(ContentSource::to_wire);
                 csi::list_volumes_response::Entry {
-                    volume: Some(match pool {
-                        Some(p) => self.to_volume(vol, p),
-                        None => csi::Volume {
-                            capacity_bytes: vol.capacity as i64,
-                            volume_id: vol.id.to_string(),
-                            accessible_topology: vec![self.topology.clone()],
-                            ..Default::default()
-                        },
+                    volume: Some(csi::Volume {
+                        capacity_bytes: vol.capacity as i64,
+                        volume_id: vol.id.into_string(),
+                        volume_context: pool
+                            .map(|p| p.volume_context().clone())
+                            .unwrap_or_default(),
+                        content_source: pool.and(content_source),
+                        accessible_topology: vec![self.topology.clone()],
                     }),
-                    status: Some(self.status(vol, pool.map(|p| &**p), *published)),
+                    status: Some(status),
                 }
             })
             .collect();
