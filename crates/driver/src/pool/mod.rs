@@ -454,17 +454,19 @@ pub(crate) fn bind_directory(
 /// consumer still uses it, whatever the store says. `dev`: the filesystem's device as the
 /// mount table shows it, when the kind knows it (None: any device; volume ids are unique).
 pub(crate) fn refuse_if_mounted(dev: Option<u64>, id: &stowage_core::VolumeId) -> Result<()> {
-    let text = read_mount_table()?;
-    // A volume id is letters, digits and dashes, which the table never escapes: a mount of
-    // the volume or of a path in it has the id in its root field, so a table without the id
-    // anywhere has no such mount and needs no parsing (most deletes).
-    if !text.contains(id.as_str()) {
-        return Ok(());
-    }
-    let at: Vec<String> = stowage_sys::mountinfo::parse(&text)
-        .filter(|m| dev.is_none_or(|d| d == m.dev) && m.root.iter().any(|c| c == id.as_str()))
-        .map(|m| m.mount_point.display().to_string())
-        .collect();
+    let at: Vec<String> = stowage_sys::mountinfo::with_table(|text| {
+        // A volume id is letters, digits and dashes, which the table never escapes: a mount
+        // of the volume or of a path in it has the id in its root field, so a table without
+        // the id anywhere has no such mount and needs no parsing (most deletes).
+        if !text.contains(id.as_str()) {
+            return Vec::new();
+        }
+        stowage_sys::mountinfo::parse(text)
+            .filter(|m| dev.is_none_or(|d| d == m.dev) && m.root.iter().any(|c| c == id.as_str()))
+            .map(|m| m.mount_point.display().to_string())
+            .collect()
+    })
+    .map_err(|e| Error::Internal(format!("reading the mount table: {e}")))?;
     if at.is_empty() {
         Ok(())
     } else {
@@ -473,17 +475,6 @@ pub(crate) fn refuse_if_mounted(dev: Option<u64>, id: &stowage_core::VolumeId) -
             at.join(", ")
         )))
     }
-}
-
-/// The text of /proc/self/mountinfo. Read into a buffer sized for a whole table at once: the
-/// file reports no size, and a growing buffer costs a syscall per doubling.
-fn read_mount_table() -> Result<String> {
-    use std::io::Read;
-    let mut text = String::with_capacity(64 * 1024);
-    std::fs::File::open("/proc/self/mountinfo")
-        .and_then(|mut f| f.read_to_string(&mut text))
-        .map_err(|e| Error::Internal(format!("reading the mount table: {e}")))?;
-    Ok(text)
 }
 
 #[cfg(test)]
