@@ -60,6 +60,11 @@ macro_rules! minted_id {
             pub fn as_str(&self) -> &str {
                 &self.0
             }
+
+            /// The id's string, without a copy.
+            pub fn into_string(self) -> String {
+                self.0
+            }
         }
 
         impl fmt::Display for $id {

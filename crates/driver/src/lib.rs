@@ -11,6 +11,7 @@ pub mod engine;
 pub mod ephemeral;
 pub mod guard;
 pub mod node;
+pub mod phases;
 pub mod pool;
 pub mod server;
 pub mod service;

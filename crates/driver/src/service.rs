@@ -131,24 +131,51 @@ impl Driver {
         let _in_flight = InFlight(Arc::clone(&self.in_flight));
         let start = Instant::now();
         let engine = Arc::clone(&self.engine);
-        let result = match engine.require_ready() {
-            Err(e) => Err(e),
+        let timed = crate::phases::enabled();
+        let (result, stages) = match engine.require_ready() {
+            Err(e) => (Err(e), None),
             Ok(()) => match cost {
                 // Bounded work (a few syscalls and one SQLite commit): run it on this worker
                 // and skip two thread hand-offs, which cost more than the work itself.
-                Cost::Short => f(&engine),
+                Cost::Short => {
+                    if timed {
+                        crate::phases::begin(start);
+                    }
+                    let result = f(&engine);
+                    (result, crate::phases::end("rest"))
+                }
                 // Work that waits for the disk or grows with a volume's contents must not hold
                 // an async worker (Probe and every other call would wait behind it): it goes
                 // to the blocking pool, so calls on different volumes run in parallel.
-                Cost::Blocking => tokio::task::spawn_blocking(move || f(&engine))
-                    .await
-                    .unwrap_or_else(|e| {
-                        Err(Error::Internal(format!(
-                            "{rpc} failed inside the driver: {e}"
-                        )))
-                    }),
+                Cost::Blocking => {
+                    let run = move || {
+                        if timed {
+                            crate::phases::begin(start);
+                            crate::phases::mark("hand-off");
+                        }
+                        let result = f(&engine);
+                        (result, crate::phases::end("rest"))
+                    };
+                    match tokio::task::spawn_blocking(run).await {
+                        Ok((result, mut stages)) => {
+                            if let Some(stages) = stages.as_mut() {
+                                stages.push("hand-back", Instant::now());
+                            }
+                            (result, stages)
+                        }
+                        Err(e) => (
+                            Err(Error::Internal(format!(
+                                "{rpc} failed inside the driver: {e}"
+                            ))),
+                            None,
+                        ),
+                    }
+                }
             },
         };
+        if let Some(stages) = stages {
+            tracing::debug!(target: "stowage_driver::phases", rpc, stages = %stages.render(), "stages, microseconds");
+        }
         let micros = start.elapsed().as_micros() as u64;
         match &result {
             Ok(_) => tracing::info!(rpc, volume = ?subject, outcome = "OK", micros),

@@ -502,3 +502,26 @@ fn q_after(k: &LinuxKernel, top: std::os::fd::BorrowedFd<'_>) -> Vec<stowage_sys
 fn libc_edquot() -> i32 {
     122
 }
+
+/// The mount table kept between reads is read again as soon as a mount or an unmount
+/// happens: a delete must never miss a bind mount made a moment before.
+#[test]
+fn the_kept_mount_table_follows_every_mount_and_unmount() {
+    if !root_or_skip("the_kept_mount_table_follows_every_mount_and_unmount") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("stw-kept-table-check");
+    fs::create_dir(&target).unwrap();
+    let wanted = target.to_str().unwrap().to_owned();
+    let has = || stowage_sys::mountinfo::with_table(|t| t.contains(&wanted)).unwrap();
+    assert!(!has());
+    assert!(!has(), "unchanged: the kept text");
+    for _ in 0..3 {
+        let guard = mount_tmpfs(&target);
+        assert!(has(), "a mount is seen at once");
+        assert!(has());
+        drop(guard);
+        assert!(!has(), "an unmount is seen at once");
+    }
+}

@@ -172,13 +172,17 @@ impl PoolBackend for DirBackend {
             Err(e) if e.errno == Errno::EXIST => {}
             Err(e) => return Err(sys(format!("creating volume {id} in pool {:?}", self.name))(e)),
         }
+        crate::phases::mark("mkdir");
         let dir = sysfs::open_dir_beneath(self.volumes.as_fd(), Path::new(id)).map_err(sys(
             format!("opening volume {id} (it must be a directory, not a link)"),
         ))?;
         if self.quota == QuotaSupport::Enforced {
             self.put_under_quota(dir.as_fd(), vol)?;
         }
-        self.sync_volumes()
+        crate::phases::mark("open+quota");
+        self.sync_volumes()?;
+        crate::phases::mark("dir-fsync");
+        Ok(())
     }
 
     /// Removes the volume's tree fd-relative, never following a link nor entering another
@@ -192,6 +196,7 @@ impl PoolBackend for DirBackend {
             Err(e) if e.errno == Errno::NOENT => {}
             Err(e) => return Err(Error::internal(format!("statx of volume {id}"), e)),
         }
+        crate::phases::mark("mount-check");
         sysfs::remove_tree_at(self.volumes.as_fd(), id).map_err(|e| {
             if e.errno == Errno::BUSY {
                 Error::FailedPrecondition(format!(
@@ -207,7 +212,10 @@ impl PoolBackend for DirBackend {
                 .set_project_limit(self.volumes.as_fd(), project, 0)
                 .map_err(sys(format!("lifting quota of project {project}")))?;
         }
-        self.sync_volumes()
+        crate::phases::mark("rmtree+quota");
+        self.sync_volumes()?;
+        crate::phases::mark("dir-fsync");
+        Ok(())
     }
 
     /// Raises the project limit where quotas are enforced; an advisory size needs no step.
