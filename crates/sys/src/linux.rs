@@ -474,14 +474,29 @@ impl Kernel for LinuxKernel {
         })
     }
 
+    /// EBUSY is tried again for up to 100 ms before it is returned: a process another thread
+    /// of ours just forked (mkfs, resize2fs) holds a copy of every fd of this process until it
+    /// execs, those on this mount included, and for that instant the mount is busy. A mount
+    /// that is really in use stays EBUSY.
     fn unmount(&self, target: &Path) -> SysResult<()> {
-        rustix::mount::unmount(target, UnmountFlags::NOFOLLOW).map_err(|e| {
-            SysError::new(
-                "umount2",
-                format!("{:?}, UMOUNT_NOFOLLOW", target.display().to_string()),
-                e,
-            )
-        })
+        let mut tries = 0;
+        loop {
+            match rustix::mount::unmount(target, UnmountFlags::NOFOLLOW) {
+                Err(Errno::BUSY) if tries < 20 => {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                other => {
+                    return other.map_err(|e| {
+                        SysError::new(
+                            "umount2",
+                            format!("{:?}, UMOUNT_NOFOLLOW", target.display().to_string()),
+                            e,
+                        )
+                    })
+                }
+            }
+        }
     }
 
     fn attach_loop(&self, image: BorrowedFd<'_>, options: LoopOptions) -> SysResult<LoopDevice> {
