@@ -578,17 +578,7 @@ pub fn tree_usage(dir: BorrowedFd<'_>) -> SysResult<TreeUsage> {
     count(&mut usage, &root_st);
     // Only inodes with more than one link can be met twice, so only those are remembered.
     let mut seen_links: HashSet<InodeId> = HashSet::new();
-    let pending = read_entries(root_fd.as_fd())?;
-    let mut walk = Walk::new(
-        dir,
-        root_fd,
-        Frame {
-            at: dir_id(&root_st),
-            name: c".".to_owned(),
-            pending,
-            rescans: 0,
-        },
-    );
+    let mut walk = Walk::from_root(dir, root_fd, &root_st)?;
     loop {
         let Some(entry) = walk.cur.pending.pop() else {
             if walk.ascend()? {
@@ -612,29 +602,13 @@ pub fn tree_usage(dir: BorrowedFd<'_>) -> SysResult<TreeUsage> {
         if crosses_mount(walk.cur.at, &st) {
             continue;
         }
-        let fd = match rustix::fs::openat(parent, &entry.name, DIR_FLAGS, Mode::empty()) {
-            Ok(fd) => fd,
-            // Gone or replaced by a non-directory since the statx: skip it.
-            Err(Errno::NOENT | Errno::NOTDIR | Errno::LOOP) => continue,
-            Err(e) => return Err(at_error("openat", parent, entry.name.to_bytes(), e)),
-        };
-        let opened = stat_fd(fd.as_fd()).map_err(|e| at_error("statx", fd.as_fd(), b"", e))?;
-        if inode_id(&opened) != inode_id(&st) || crosses_mount(walk.cur.at, &opened) {
-            // Swapped between statx and open (or a mount appeared): not the directory we
-            // meant to count, and possibly not ours at all.
+        // Gone, swapped or a mount since the statx: not the directory we meant to count,
+        // and possibly not ours at all.
+        let Some((fd, opened)) = walk.open_as_seen(&entry.name, &st, DIR_FLAGS)? else {
             continue;
-        }
+        };
         count(&mut usage, &opened);
-        let pending = read_entries(fd.as_fd())?;
-        walk.descend(
-            fd,
-            Frame {
-                at: dir_id(&opened),
-                name: entry.name,
-                pending,
-                rescans: 0,
-            },
-        );
+        walk.enter(fd, &opened, entry.name)?;
     }
 }
 
@@ -703,17 +677,7 @@ pub fn set_group_tree(dir: BorrowedFd<'_>, gid: u32, read_only: bool) -> SysResu
     };
     group(root_fd.as_fd(), &root_st, dir_bits)?;
     stats.changed += 1;
-    let pending = read_entries(root_fd.as_fd())?;
-    let mut walk = Walk::new(
-        dir,
-        root_fd,
-        Frame {
-            at: dir_id(&root_st),
-            name: c".".to_owned(),
-            pending,
-            rescans: 0,
-        },
-    );
+    let mut walk = Walk::from_root(dir, root_fd, &root_st)?;
     loop {
         let Some(entry) = walk.cur.pending.pop() else {
             if walk.ascend()? {
@@ -752,20 +716,12 @@ pub fn set_group_tree(dir: BorrowedFd<'_>, gid: u32, read_only: bool) -> SysResu
         } else {
             OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC
         };
-        let fd = match rustix::fs::openat(parent, &entry.name, flags, Mode::empty()) {
-            Ok(fd) => fd,
-            // Gone, or swapped for a symlink or another type since the statx: skip it.
-            Err(Errno::NOENT | Errno::NOTDIR | Errno::LOOP) => continue,
-            Err(e) => return Err(at_error("openat", parent, entry.name.to_bytes(), e)),
+        // Gone, swapped, another type or linked since the statx: not what was checked,
+        // so not touched.
+        let Some((fd, opened)) = walk.open_as_seen(&entry.name, &st, flags)? else {
+            continue;
         };
-        let opened = stat_fd(fd.as_fd()).map_err(|e| at_error("statx", fd.as_fd(), b"", e))?;
-        if inode_id(&opened) != inode_id(&st)
-            || file_type(&opened) != kind
-            || crosses_mount(walk.cur.at, &opened)
-            || (kind == FileType::RegularFile && opened.stx_nlink > 1)
-        {
-            // Swapped between the statx and the open, or linked meanwhile: not what was
-            // checked, so not touched.
+        if kind == FileType::RegularFile && opened.stx_nlink > 1 {
             continue;
         }
         if kind == FileType::RegularFile {
@@ -775,16 +731,7 @@ pub fn set_group_tree(dir: BorrowedFd<'_>, gid: u32, read_only: bool) -> SysResu
         }
         group(fd.as_fd(), &opened, dir_bits)?;
         stats.changed += 1;
-        let pending = read_entries(fd.as_fd())?;
-        walk.descend(
-            fd,
-            Frame {
-                at: dir_id(&opened),
-                name: entry.name,
-                pending,
-                rescans: 0,
-            },
-        );
+        walk.enter(fd, &opened, entry.name)?;
     }
 }
 
@@ -961,6 +908,63 @@ impl<'a> Walk<'a> {
             cur: top,
             ancestors: Vec::new(),
         }
+    }
+
+    /// A walk from the root directory `fd` (stat `st`) whose entries are read now.
+    fn from_root(base: BorrowedFd<'a>, fd: OwnedFd, st: &Statx) -> SysResult<Self> {
+        let pending = read_entries(fd.as_fd())?;
+        Ok(Self::new(
+            base,
+            fd,
+            Frame {
+                at: dir_id(st),
+                name: c".".to_owned(),
+                pending,
+                rescans: 0,
+            },
+        ))
+    }
+
+    /// Opens entry `name` of the current directory with `flags` (which never follow a
+    /// symlink) and checks it is what `st`, its statx, saw: the same inode and type, on the
+    /// current directory's mount. None when it is gone, became a symlink or another type, or
+    /// lies on another mount since: the caller skips it.
+    fn open_as_seen(
+        &self,
+        name: &CStr,
+        st: &Statx,
+        flags: OFlags,
+    ) -> SysResult<Option<(OwnedFd, Statx)>> {
+        let parent = self.cur_fd.as_fd();
+        let fd = match rustix::fs::openat(parent, name, flags, Mode::empty()) {
+            Ok(fd) => fd,
+            Err(Errno::NOENT | Errno::NOTDIR | Errno::LOOP) => return Ok(None),
+            Err(e) => return Err(at_error("openat", parent, name.to_bytes(), e)),
+        };
+        let opened = stat_fd(fd.as_fd()).map_err(|e| at_error("statx", fd.as_fd(), b"", e))?;
+        if inode_id(&opened) != inode_id(st)
+            || file_type(&opened) != file_type(st)
+            || crosses_mount(self.cur.at, &opened)
+        {
+            return Ok(None);
+        }
+        Ok(Some((fd, opened)))
+    }
+
+    /// Descends into the directory `fd` (stat `st`, named `name` in the current one), its
+    /// entries read now.
+    fn enter(&mut self, fd: OwnedFd, st: &Statx, name: CString) -> SysResult<()> {
+        let pending = read_entries(fd.as_fd())?;
+        self.descend(
+            fd,
+            Frame {
+                at: dir_id(st),
+                name,
+                pending,
+                rescans: 0,
+            },
+        );
+        Ok(())
     }
 
     fn descend(&mut self, fd: OwnedFd, frame: Frame) {
