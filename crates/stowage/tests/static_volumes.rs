@@ -27,6 +27,21 @@ fn stage(handle: &str, staging: &Path, sub: Option<&str>) -> csi::NodeStageVolum
     }
 }
 
+/// A driver with a `dir` pool (the default) and the static pool `shared` at `shared`.
+async fn start(dir: &Path, shared: &Path) -> Harness {
+    let cfg = dir.join("stowage.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[[pool]]\nname = \"default\"\nkind = \"dir\"\npath = \"{}\"\n[[pool]]\nname = \"shared\"\nkind = \"static\"\npath = \"{}\"\n",
+            dir.join("pool").display(),
+            shared.display()
+        ),
+    )
+    .unwrap();
+    Harness::start(&["--config", cfg.to_str().unwrap()]).await
+}
+
 #[tokio::test]
 async fn static_volumes_resolve_safely_and_are_never_deleted() {
     let test = "static_volumes_resolve_safely_and_are_never_deleted";
@@ -57,22 +72,16 @@ async fn static_volumes_resolve_safely_and_are_never_deleted() {
             }
         }
         let _unmount = Unmount(shared.join("mnt"));
-        let cfg = dir.path().join("stowage.toml");
-        std::fs::write(
-            &cfg,
-            format!(
-                "[[pool]]\nname = \"default\"\nkind = \"dir\"\npath = \"{}\"\n[[pool]]\nname = \"shared\"\nkind = \"static\"\npath = \"{}\"\n",
-                dir.path().join("pool").display(),
-                shared.display()
-            ),
-        )
-        .unwrap();
-        let h = Harness::start(&["--config", cfg.to_str().unwrap()]).await;
+        let h = start(dir.path(), &shared).await;
         let mut n = h.node().await;
         let mut c = h.controller().await;
-        let staging = h.kubelet().join("plugins/kubernetes.io/csi/stowage.csi.dev/pv1/globalmount");
+        let staging = h
+            .kubelet()
+            .join("plugins/kubernetes.io/csi/stowage.csi.dev/pv1/globalmount");
         std::fs::create_dir_all(&staging).unwrap();
-        let target = h.kubelet().join("pods/uid-s/volumes/kubernetes.io~csi/pv1/mount");
+        let target = h
+            .kubelet()
+            .join("pods/uid-s/volumes/kubernetes.io~csi/pv1/mount");
         std::fs::create_dir_all(target.parent().unwrap()).unwrap();
         let volumes = |c: &mut csi::controller_client::ControllerClient<_>| {
             let mut c = c.clone();
@@ -89,8 +98,16 @@ async fn static_volumes_resolve_safely_and_are_never_deleted() {
         // Refused: the seed's attack, a handle through a symlink, traversal, another mount,
         // a pool that is not static, unknown attributes. Nothing mounted, no record left.
         let refusals: Vec<(&str, Option<&str>, Code)> = vec![
-            ("static:shared/app1", Some("symlink-door"), Code::InvalidArgument),
-            ("static:shared/app1", Some("symlink-door/etc"), Code::InvalidArgument),
+            (
+                "static:shared/app1",
+                Some("symlink-door"),
+                Code::InvalidArgument,
+            ),
+            (
+                "static:shared/app1",
+                Some("symlink-door/etc"),
+                Code::InvalidArgument,
+            ),
             ("static:shared/app1", Some("../door"), Code::InvalidArgument),
             ("static:shared/door", None, Code::InvalidArgument),
             ("static:shared/../shared/app1", None, Code::InvalidArgument),
@@ -109,7 +126,11 @@ async fn static_volumes_resolve_safely_and_are_never_deleted() {
         let mut odd = stage("static:shared/app1", &staging, None);
         odd.volume_context.insert("replicas".into(), "3".into());
         assert_eq!(code(n.node_stage_volume(odd).await), Code::InvalidArgument);
-        assert_eq!(volumes(&mut c).await, 0, "no record kept for a refused stage");
+        assert_eq!(
+            volumes(&mut c).await,
+            0,
+            "no record kept for a refused stage"
+        );
 
         // The subPath that is a real directory: staged, published, stats, then gone again.
         n.node_stage_volume(stage("static:shared/app1", &staging, Some("data")))
@@ -128,8 +149,14 @@ async fn static_volumes_resolve_safely_and_are_never_deleted() {
         })
         .await
         .unwrap();
-        assert_eq!(std::fs::read(target.join("file")).unwrap(), b"operator's data");
-        assert!(std::fs::write(target.join("new"), b"x").is_err(), "read-only PV");
+        assert_eq!(
+            std::fs::read(target.join("file")).unwrap(),
+            b"operator's data"
+        );
+        assert!(
+            std::fs::write(target.join("new"), b"x").is_err(),
+            "read-only PV"
+        );
         let stats = n
             .node_get_volume_stats(csi::NodeGetVolumeStatsRequest {
                 volume_id: "static:shared/app1".into(),
@@ -162,7 +189,11 @@ async fn static_volumes_resolve_safely_and_are_never_deleted() {
             .unwrap();
         }
         assert_eq!(mount_count(&staging) + mount_count(&target), 0);
-        assert_eq!(volumes(&mut c).await, 0, "the record went with the last mount");
+        assert_eq!(
+            volumes(&mut c).await,
+            0,
+            "the record went with the last mount"
+        );
         assert_eq!(
             std::fs::read(shared.join("app1/data/file")).unwrap(),
             b"operator's data"
@@ -190,19 +221,11 @@ async fn a_subpath_swapped_for_a_symlink_never_mounts_the_host() {
         std::fs::create_dir_all(shared.join("app/data")).unwrap();
         std::fs::write(shared.join("app/data/marker"), b"ours").unwrap();
         std::os::unix::fs::symlink("/", shared.join("app/door")).unwrap();
-        let cfg = dir.path().join("stowage.toml");
-        std::fs::write(
-            &cfg,
-            format!(
-                "[[pool]]\nname = \"default\"\nkind = \"dir\"\npath = \"{}\"\n[[pool]]\nname = \"shared\"\nkind = \"static\"\npath = \"{}\"\n",
-                dir.path().join("pool").display(),
-                shared.display()
-            ),
-        )
-        .unwrap();
-        let h = Harness::start(&["--config", cfg.to_str().unwrap()]).await;
+        let h = start(dir.path(), &shared).await;
         let mut n = h.node().await;
-        let staging = h.kubelet().join("plugins/kubernetes.io/csi/stowage.csi.dev/race/globalmount");
+        let staging = h
+            .kubelet()
+            .join("plugins/kubernetes.io/csi/stowage.csi.dev/race/globalmount");
         std::fs::create_dir_all(&staging).unwrap();
         let swapper = Swapper::start(vec![(shared.join("app/data"), shared.join("app/door"))]);
         let (mut mounted, mut refused) = (0, 0);
@@ -237,7 +260,9 @@ async fn a_subpath_swapped_for_a_symlink_never_mounts_the_host() {
         let swaps = swapper.stop();
         assert!(swaps > 0);
         assert_eq!(mounted + refused, 200);
-        println!("subPath race: {mounted} staged (the real directory), {refused} refused, {swaps} swaps");
+        println!(
+            "subPath race: {mounted} staged (the real directory), {refused} refused, {swaps} swaps"
+        );
     })
     .await
 }
