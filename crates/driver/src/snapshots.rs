@@ -128,7 +128,9 @@ impl Engine {
             .guards
             .claim(format!("snapshot name {:?}", req.name.as_str()))?;
         let source_id = req.source.require()?;
-        if let Some(existing) = self.store.snapshot_by_name(req.name.as_str())? {
+        // The name guard is held from here on: the record read now is the one to use.
+        let existing = self.store.snapshot_by_name(req.name.as_str())?;
+        if let Some(existing) = &existing {
             if existing.source_volume != *source_id {
                 return Err(Error::AlreadyExists(format!(
                     "snapshot {:?} already exists as {} of volume {}, not of volume {source_id}",
@@ -138,7 +140,7 @@ impl Engine {
                 )));
             }
             match existing.state {
-                VolumeState::Ready => return Ok(to_snapshot(&existing)),
+                VolumeState::Ready => return Ok(to_snapshot(existing)),
                 VolumeState::Deleting => {
                     return Err(Error::Aborted(format!(
                         "snapshot {:?} ({}) is being deleted; retry after the deletion completes",
@@ -153,7 +155,7 @@ impl Engine {
         // that changes the volume waits its turn (ABORTED, retried by the CO).
         let _volume_guard = self.guards.claim_shared(format!("volume {source_id}"))?;
         let (vol, pool) = self.ready_volume(&req.source)?;
-        let snap = match self.store.snapshot_by_name(req.name.as_str())? {
+        let snap = match existing {
             Some(existing) => existing,
             None => self.store.insert_snapshot(&NewSnapshot {
                 id: &SnapshotId::generate(),
