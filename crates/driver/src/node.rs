@@ -28,6 +28,7 @@ use tonic::{Request, Response, Status};
 use crate::engine::Engine;
 use crate::pool::{Mark, Pool, StageRequest, SIZE_GRANULE};
 use crate::service::{quiet, Cost, Driver, Service};
+use crate::statics::HandleAt;
 use crate::store::{Publication, PublicationKind, PublicationState, VolumeRecord};
 
 /// How many stacked mounts of ours unpublish removes from one path before giving up.
@@ -1030,27 +1031,19 @@ impl csi::node_server::Node for Driver {
             &subject,
             move |e| {
                 let mut req = req;
-                if crate::statics::is_static(&req.volume_id) {
-                    match e.static_volume_at(
-                        &req.volume_id,
-                        "staging_target_path",
-                        &req.staging_target_path,
-                    ) {
-                        // Not staged there (any more): nothing to do.
-                        Err(Error::NotFound(_)) => return Ok(csi::NodeUnstageVolumeResponse {}),
-                        Err(err) => return Err(err),
-                        Ok(id) => {
-                            let id = id.ok_or_else(|| {
-                                Error::Internal("a static handle without a record".to_owned())
-                            })?;
-                            req.volume_id = id.to_string();
-                            e.node_unstage(NodeUnstage::try_from(&req)?)?;
-                            e.forget_static_if_unused(&id)?;
-                            return Ok(csi::NodeUnstageVolumeResponse {});
-                        }
+                match e.static_handle_at(
+                    &req.volume_id,
+                    "staging_target_path",
+                    &req.staging_target_path,
+                )? {
+                    HandleAt::NotStatic => e.node_unstage(NodeUnstage::try_from(&req)?)?,
+                    HandleAt::Nothing => {}
+                    HandleAt::Volume(id) => {
+                        req.volume_id = id.to_string();
+                        e.node_unstage(NodeUnstage::try_from(&req)?)?;
+                        e.forget_static_if_unused(&id)?;
                     }
                 }
-                e.node_unstage(NodeUnstage::try_from(&req)?)?;
                 Ok(csi::NodeUnstageVolumeResponse {})
             },
         )
@@ -1111,21 +1104,19 @@ impl csi::node_server::Node for Driver {
                     )?,
                     // A retry after the ephemeral volume was already removed: done.
                     None if e.ephemeral_gone(&req.volume_id, &req.target_path)? => {}
-                    None if crate::statics::is_static(&req.volume_id) => {
-                        match e.static_volume_at(&req.volume_id, "target_path", &req.target_path) {
-                            // Not published there (any more): nothing to do.
-                            Err(Error::NotFound(_)) => {}
-                            Err(err) => return Err(err),
-                            Ok(id) => {
+                    None => {
+                        match e.static_handle_at(&req.volume_id, "target_path", &req.target_path)? {
+                            HandleAt::NotStatic => {
+                                e.node_unpublish(NodeUnpublish::try_from(&req)?)?
+                            }
+                            HandleAt::Nothing => {}
+                            HandleAt::Volume(id) => {
                                 let mut req = req;
-                                if let Some(id) = id {
-                                    req.volume_id = id.to_string();
-                                }
+                                req.volume_id = id.to_string();
                                 e.node_unpublish(NodeUnpublish::try_from(&req)?)?;
                             }
                         }
                     }
-                    None => e.node_unpublish(NodeUnpublish::try_from(&req)?)?,
                 }
                 Ok(csi::NodeUnpublishVolumeResponse {})
             },

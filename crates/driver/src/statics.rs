@@ -96,6 +96,17 @@ impl Engine {
         Ok(Some(vol.id))
     }
 
+    /// For a call that removes a mount (unpublish, unstage): what its `volume_id` names at
+    /// `path`. A static handle with nothing of it there means there is nothing to remove.
+    pub fn static_handle_at(&self, handle: &str, field: &str, path: &str) -> Result<HandleAt> {
+        match self.static_volume_at(handle, field, path) {
+            Ok(Some(id)) => Ok(HandleAt::Volume(id)),
+            Ok(None) => Ok(HandleAt::NotStatic),
+            Err(Error::NotFound(_)) => Ok(HandleAt::Nothing),
+            Err(e) => Err(e),
+        }
+    }
+
     /// After a NodeStageVolume of a static volume failed: a static stage is one bind mount,
     /// made whole or not at all, so a `mounting` record it left names nothing mounted; it goes,
     /// and the volume's record with it when nothing else of it is mounted.
@@ -120,6 +131,16 @@ impl Engine {
         let _guard = self.claim(id)?;
         self.store.remove_volume(id)
     }
+}
+
+/// What a static handle names at a path (see [`Engine::static_handle_at`]).
+pub enum HandleAt {
+    /// No static handle: the call goes on as for any volume.
+    NotStatic,
+    /// A static handle with nothing of it at the path.
+    Nothing,
+    /// The record of the static volume mounted there.
+    Volume(VolumeId),
 }
 
 /// Whether a volume_id is a static handle (for requests that must refuse one).
