@@ -744,6 +744,7 @@ impl PoolBackend for BtrfsBackend {
         self.ensure_group(vol, sid, &all)?;
         crate::crash::point("btrfs-create-after-group");
         self.set_limit(vol, group_of(sid), vol.capacity)?;
+        crate::crash::point("btrfs-create-after-limit");
         self.commit()?;
         self.map().insert(id.to_owned(), sid);
         Ok(())
@@ -830,6 +831,7 @@ impl PoolBackend for BtrfsBackend {
         self.escapes().remove(vol.id.as_str());
         // The level-1 qgroup, now without members, and what earlier deletions left.
         self.remove_pending_qgroups();
+        crate::crash::point("btrfs-delete-after-qgroups");
         self.commit()?;
         Ok(())
     }
@@ -848,8 +850,11 @@ impl PoolBackend for BtrfsBackend {
         let current = Self::limit_in_force(&all, sid);
         let (changed, _) = self.ensure_layout(vol, sid, &all)?;
         self.sweep_or_warn(vol, sid);
-        if capacity > vol.capacity && current.is_none_or(|limit| capacity > limit) {
+        // `>=`: a retry after a crash between the recorded capacity and this call (the
+        // record then equals `capacity`) still raises the limit in force.
+        if capacity >= vol.capacity && current.is_none_or(|limit| capacity > limit) {
             self.set_limit(vol, group_of(sid), capacity)?;
+            crate::crash::point("btrfs-expand-after-limit");
             self.clear_own_limit(vol, sid, &all)?;
             self.commit()?;
         } else if changed {
@@ -1296,6 +1301,17 @@ mod tests {
         assert_eq!(
             kernel.qgroup(group_of(sid)).unwrap().max_referenced,
             Some(16 << 20)
+        );
+        // Retried after the engine recorded the new capacity (a crash in between): the
+        // record equals the request, and the limit in force is still raised.
+        let recorded = VolumeRecord {
+            capacity: 24 << 20,
+            ..vol.clone()
+        };
+        assert!(!pool.expand(&recorded, 24 << 20).unwrap());
+        assert_eq!(
+            kernel.qgroup(group_of(sid)).unwrap().max_referenced,
+            Some(24 << 20)
         );
         pool.delete(&vol).unwrap();
         assert!(matches!(

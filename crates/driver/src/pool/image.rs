@@ -483,6 +483,7 @@ impl PoolBackend for ImageBackend {
         };
         let kind = self.fs_kind(vol, requested)?;
         let dev = self.attach(vol, image.as_fd())?;
+        crate::crash::point("image-stage-after-attach");
         match blockfs::probe(dev.fd.as_fd())
             .map_err(|e| Error::internal(format!("probing {}", dev.path.display()), e))?
         {
@@ -520,6 +521,7 @@ impl PoolBackend for ImageBackend {
                     e,
                 )
             })?;
+        crate::crash::point("image-stage-after-mount");
         // A volume filled from a smaller source carries the source's filesystem: it grows
         // to the device here, so the consumer sees the size it asked for (a no-op once done).
         let resizable = kind != FsKind::Btrfs
@@ -551,7 +553,10 @@ impl PoolBackend for ImageBackend {
             Err(e) => return Err(e),
         };
         match self.kernel.detach_loop(image.as_fd()) {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                crate::crash::point("image-unstage-after-detach");
+                Ok(())
+            }
             Err(SysError {
                 errno: Errno::BUSY, ..
             }) if !vol.block => {
@@ -647,6 +652,7 @@ impl PoolBackend for ImageBackend {
                     vol.id,
                     dev.path.display()
                 )))?;
+            crate::crash::point("image-node-expand-after-grow");
         }
         let _ = size;
         Ok(device_size)

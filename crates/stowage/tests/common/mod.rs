@@ -55,6 +55,10 @@ pub struct Harness {
     pub kubelet_arg: PathBuf,
     /// Extra environment of the next spawn (e.g. a crash point).
     pub env: Vec<(String, String)>,
+    /// The binary the next spawn runs (the one cargo built unless a test replaces it).
+    pub bin: PathBuf,
+    /// Length of the log when the running process was spawned: what it wrote starts there.
+    pub log_start: u64,
 }
 
 impl Harness {
@@ -70,6 +74,8 @@ impl Harness {
             log: dir.path().join("driver.log"),
             kubelet_arg: dir.path().join("kubelet"),
             env: Vec::new(),
+            bin: PathBuf::from(env!("CARGO_BIN_EXE_stowage")),
+            log_start: 0,
             dir,
             child: None,
             endpoint,
@@ -93,12 +99,19 @@ impl Harness {
 
     /// Starts (or restarts) the process and waits until Probe says ready.
     pub async fn spawn(&mut self) {
+        self.spawn_process();
+        self.wait_ready().await;
+    }
+
+    /// Starts the process without waiting for anything.
+    pub fn spawn_process(&mut self) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&self.log)
             .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_stowage"))
+        self.log_start = log.metadata().map(|m| m.len()).unwrap_or(0);
+        let child = Command::new(&self.bin)
             .arg("serve")
             .arg("--endpoint")
             .arg(&self.endpoint)
@@ -116,6 +129,10 @@ impl Harness {
             .spawn()
             .expect("spawn stowage");
         self.child = Some(child);
+    }
+
+    /// Waits (bounded) until Probe says ready; panics if the process exits first.
+    pub async fn wait_ready(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
@@ -200,13 +217,28 @@ impl Harness {
     }
 
     /// Waits (bounded) for the process to die by itself, as at a crash point; returns whether
-    /// it was killed by a signal (abort), not a normal exit.
+    /// it was killed by a signal (abort), not a normal exit. When a crash point is armed
+    /// ([`CRASH_ENV`]), also checks that the process died AT that point (its own last words
+    /// in the log), not somewhere else, and records the point as exercised.
     pub fn await_crash(&mut self) -> bool {
         use std::os::unix::process::ExitStatusExt;
         let mut child = self.child.take().expect("running");
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Some(status) = child.try_wait().unwrap() {
+                if let Some((_, point)) = self.env.iter().find(|(k, _)| k == CRASH_ENV) {
+                    let said = self.log_since_spawn();
+                    assert!(
+                        said.contains(&format!("STOWAGE_TEST_CRASH_AT: aborting at {point}\n")),
+                        "the driver died ({status}) but not at crash point {point}; its log:\n{said}"
+                    );
+                    assert_eq!(
+                        status.signal(),
+                        Some(6),
+                        "the driver did not abort (SIGABRT) at {point}: {status}"
+                    );
+                    note_exercised(point);
+                }
                 return status.signal().is_some();
             }
             if Instant::now() > deadline {
@@ -227,6 +259,13 @@ impl Harness {
 
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// What the running (or last) process wrote to the log.
+    pub fn log_since_spawn(&self) -> String {
+        let text = std::fs::read(&self.log).unwrap_or_default();
+        let start = (self.log_start as usize).min(text.len());
+        String::from_utf8_lossy(&text[start..]).into_owned()
     }
 }
 
@@ -452,6 +491,32 @@ where
     h.spawn().await;
 }
 
+/// Restarts the driver armed to abort at `point`, which its start-up reaches (reconciliation
+/// of the volumes there are), checks that it aborted there before it was ready, and starts
+/// it unarmed.
+pub async fn crash_at_start(h: &mut Harness, point: &str) {
+    h.stop();
+    h.env = vec![(CRASH_ENV.to_owned(), point.to_owned())];
+    h.spawn_process();
+    assert!(h.await_crash(), "the driver did not abort at {point}");
+    h.env.clear();
+    h.spawn().await;
+}
+
+/// Appends `point` to `target/crash-points-exercised` (one line per crash a test caused and
+/// saw happen at its point), for the report of the crash suite.
+fn note_exercised(point: &str) {
+    use std::io::Write as _;
+    let path = Path::new(env!("CARGO_TARGET_TMPDIR")).join("crash-points-exercised");
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+    {
+        let _ = writeln!(f, "{point}");
+    }
+}
+
 /// A thread exchanging `a` and `b` (renameat2 RENAME_EXCHANGE) in a tight loop until
 /// stopped; stopped and joined on drop.
 pub struct Swapper {
@@ -520,5 +585,293 @@ impl Swapper {
 impl Drop for Swapper {
     fn drop(&mut self) {
         self.halt();
+    }
+}
+
+/// Loop devices whose backing file lies under `dir` (from sysfs: `/dev/loopN` and the file).
+pub fn loops_under(dir: &Path) -> Vec<(String, PathBuf)> {
+    let mut found = Vec::new();
+    for e in std::fs::read_dir("/sys/block")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !name.starts_with("loop") {
+            continue;
+        }
+        let Ok(backing) = std::fs::read_to_string(e.path().join("loop/backing_file")) else {
+            continue;
+        };
+        let backing = PathBuf::from(
+            backing
+                .trim_end_matches('\n')
+                .trim_end_matches(" (deleted)"),
+        );
+        if backing.starts_with(dir) {
+            found.push((format!("/dev/{name}"), backing));
+        }
+    }
+    found.sort();
+    found
+}
+
+/// The entries of a pool's directory (`volumes`, `images`, `snapshots`), an image's `.img`
+/// suffix taken off, sorted; a missing directory is empty.
+fn pool_entries(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .map(|e| {
+            let name = e.unwrap().file_name().into_string().unwrap();
+            name.strip_suffix(".img").map(str::to_owned).unwrap_or(name)
+        })
+        .collect();
+    names.sort();
+    names
+}
+
+/// The end of every crash test: nothing leaked. The driver's store lists exactly `volumes`
+/// and `snapshots`, none of them published anywhere; the pool at `pool` (its root: the
+/// directory of `volumes`/`images` and `snapshots`) holds exactly those volumes and
+/// snapshots (no image file, no directory, no subvolume without its row; on a btrfs pool, no
+/// subvolume anywhere in the test's filesystem but those); no loop device is backed by a
+/// file under the pool or the harness's directory; nothing is mounted under either.
+pub async fn assert_nothing_leaked(
+    h: &Harness,
+    pool: &Path,
+    volumes: &[&str],
+    snapshots: &[&str],
+    when: &str,
+) {
+    let sorted = |ids: &[&str]| {
+        let mut v: Vec<String> = ids.iter().map(|s| s.to_string()).collect();
+        v.sort();
+        v
+    };
+    let (volumes, snapshots) = (sorted(volumes), sorted(snapshots));
+    let listed = h
+        .controller()
+        .await
+        .list_volumes(csi::ListVolumesRequest::default())
+        .await
+        .unwrap_or_else(|e| panic!("{when}: ListVolumes: {e:?}"))
+        .into_inner();
+    assert!(
+        listed.next_token.is_empty(),
+        "{when}: more volumes than one page"
+    );
+    let mut ids = Vec::new();
+    for e in listed.entries {
+        let v = e.volume.unwrap();
+        if let Some(status) = e.status {
+            assert!(
+                status.published_node_ids.is_empty(),
+                "{when}: volume {} is still recorded as published on {:?}",
+                v.volume_id,
+                status.published_node_ids
+            );
+        }
+        ids.push(v.volume_id);
+    }
+    ids.sort();
+    assert_eq!(ids, volumes, "{when}: the store's volumes");
+    let listed = h
+        .controller()
+        .await
+        .list_snapshots(csi::ListSnapshotsRequest::default())
+        .await
+        .unwrap_or_else(|e| panic!("{when}: ListSnapshots: {e:?}"))
+        .into_inner();
+    let mut snaps: Vec<String> = listed
+        .entries
+        .into_iter()
+        .map(|e| e.snapshot.unwrap().snapshot_id)
+        .collect();
+    snaps.sort();
+    assert_eq!(snaps, snapshots, "{when}: the store's snapshots");
+
+    let data = if pool.join("images").exists() {
+        pool.join("images")
+    } else {
+        pool.join("volumes")
+    };
+    assert_eq!(
+        pool_entries(&data),
+        volumes,
+        "{when}: the pool's volumes ({})",
+        data.display()
+    );
+    assert_eq!(
+        pool_entries(&pool.join("snapshots")),
+        snapshots,
+        "{when}: the pool's snapshots"
+    );
+    if is_btrfs(pool) {
+        let out = Command::new("btrfs")
+            .args(["subvolume", "list"])
+            .arg(pool)
+            .output()
+            .expect("btrfs subvolume list");
+        assert!(
+            out.status.success(),
+            "{when}: btrfs subvolume list: {out:?}"
+        );
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            // "ID 256 gen 9 top level 5 path pool/volumes/<id>"
+            let path = Path::new(line.rsplit_once(" path ").map_or(line, |(_, p)| p));
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let parent = path.parent().and_then(Path::file_name);
+            let known = match parent.and_then(|p| p.to_str()) {
+                Some("volumes") => volumes.contains(&name),
+                Some("snapshots") => snapshots.contains(&name),
+                _ => false,
+            };
+            assert!(known, "{when}: a subvolume without a row: {line}");
+        }
+    }
+    for root in [pool, h.dir.path()] {
+        assert_eq!(
+            loops_under(root),
+            Vec::new(),
+            "{when}: loop devices backed by files under {}",
+            root.display()
+        );
+        assert_eq!(
+            mounts_under(root),
+            Vec::<PathBuf>::new(),
+            "{when}: mounts under {}",
+            root.display()
+        );
+    }
+}
+
+/// Whether `path` is on a btrfs (statfs magic).
+pub fn is_btrfs(path: &Path) -> bool {
+    rustix::fs::statfs(path).is_ok_and(|s| s.f_type == 0x9123_683e)
+}
+
+/// The pool kinds a test can run its driver with.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Kind {
+    /// The harness's default `dir` pool.
+    Dir,
+    /// An `image` pool in a temporary directory (volumes on loop devices).
+    Image,
+    /// A `btrfs` pool on a loop-mounted btrfs of its own.
+    Btrfs,
+}
+
+/// A driver serving one pool of a kind. On drop: the driver is killed and its mounts
+/// removed, then the loop devices still backed by the pool's images are detached, then the
+/// btrfs (if any) is unmounted — also when the test fails.
+pub struct KindPool {
+    pub h: Option<Harness>,
+    pub kind: Kind,
+    /// The pool's root (holding `volumes` or `images`, and `snapshots`).
+    pub pool: PathBuf,
+    _btrfs: Option<BtrfsFs>,
+    _root: Option<tempfile::TempDir>,
+    _cfg: Option<tempfile::TempDir>,
+}
+
+impl KindPool {
+    /// Starts a driver (with `extra` arguments) on a pool of `kind`, or prints why this test
+    /// cannot run here (SKIPPED) and returns None.
+    pub async fn start(kind: Kind, test: &str, extra: &[&str]) -> Option<KindPool> {
+        if !root_or_skip(test) {
+            return None;
+        }
+        if kind != Kind::Dir && !Path::new("/dev/loop-control").exists() {
+            loud!("SKIPPED (no /dev/loop-control): {test}");
+            return None;
+        }
+        let (btrfs, root, pool, config) = match kind {
+            Kind::Dir => {
+                let h = Harness::start(extra).await;
+                let pool = h.state_dir().join("pools/default");
+                return Some(KindPool {
+                    h: Some(h),
+                    kind,
+                    pool,
+                    _btrfs: None,
+                    _root: None,
+                    _cfg: None,
+                });
+            }
+            Kind::Image => {
+                let root = tempfile::Builder::new()
+                    .prefix("stowage-kind-image-")
+                    .tempdir()
+                    .unwrap();
+                let pool = root.path().join("pool");
+                let config = format!(
+                    "[[pool]]\nname = \"img\"\nkind = \"image\"\npath = \"{}\"\ndefault_size = \"64Mi\"\n",
+                    pool.display()
+                );
+                (None, Some(root), pool, config)
+            }
+            Kind::Btrfs => {
+                let fs = match btrfs_fs() {
+                    Ok(fs) => fs,
+                    Err(why) => {
+                        loud!("SKIPPED ({why}): {test}");
+                        return None;
+                    }
+                };
+                let pool = fs.mnt.join("pool");
+                let config = format!(
+                    "[[pool]]\nname = \"sub\"\nkind = \"btrfs\"\npath = \"{}\"\n",
+                    pool.display()
+                );
+                (Some(fs), None, pool, config)
+            }
+        };
+        let cfg_dir = tempfile::Builder::new()
+            .prefix("stowage-kind-cfg-")
+            .tempdir()
+            .unwrap();
+        let cfg = cfg_dir.path().join("stowage.toml");
+        std::fs::write(&cfg, config).unwrap();
+        let mut args = vec!["--config", cfg.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let h = Harness::start(&args).await;
+        Some(KindPool {
+            h: Some(h),
+            kind,
+            pool,
+            _btrfs: btrfs,
+            _root: root,
+            _cfg: Some(cfg_dir),
+        })
+    }
+
+    pub fn h(&self) -> &Harness {
+        self.h.as_ref().unwrap()
+    }
+
+    pub fn hm(&mut self) -> &mut Harness {
+        self.h.as_mut().unwrap()
+    }
+
+    /// Where the pool keeps its volumes (`images` for the image kind).
+    pub fn volumes_dir(&self) -> PathBuf {
+        self.pool.join(if self.kind == Kind::Image {
+            "images"
+        } else {
+            "volumes"
+        })
+    }
+}
+
+impl Drop for KindPool {
+    fn drop(&mut self) {
+        drop(self.h.take());
+        for (dev, _) in loops_under(&self.pool) {
+            let _ = Command::new("losetup").arg("-d").arg(&dev).status();
+        }
     }
 }
