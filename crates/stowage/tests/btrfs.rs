@@ -374,6 +374,7 @@ async fn restart_with_published_volumes_and_crashes_at_each_backend_step() {
             .unwrap()
             .into_inner();
         assert!(listed.entries.is_empty(), "{listed:?}");
+        assert_nothing_leaked(&h, &fs.mnt.join("pool"), &[], &[], "the end").await;
     })
     .await;
 }

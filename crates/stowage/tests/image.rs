@@ -691,6 +691,8 @@ async fn image_stage_and_expand_survive_a_crash_at_every_step() {
         }
         teardown(&mut p, &v).await;
         assert_eq!(p.loops(), Vec::<String>::new(), "loop devices left");
+        let pool = p.root.path().join("pool");
+        assert_nothing_leaked(p.h(), &pool, &[], &[], "the end").await;
     })
     .await;
 }
@@ -851,6 +853,8 @@ async fn image_stage_intent_node_expand_intent_and_block_stage_survive_a_crash()
         assert_eq!(p.loops().len(), 1, "attached twice");
         teardown(&mut p, &b).await;
         assert_eq!(p.loops(), Vec::<String>::new(), "devices left");
+        let pool = p.root.path().join("pool");
+        assert_nothing_leaked(p.h(), &pool, &[], &[], "the end").await;
     })
     .await;
 }

@@ -1179,6 +1179,8 @@ async fn ephemeral_inline_volumes_live_and_die_with_their_publication() {
         .await
         .unwrap();
         assert!(listed(&h).await.is_empty());
+        let pool = h.state_dir().join("pools/default");
+        assert_nothing_leaked(&h, &pool, &[], &[], "the end").await;
     })
     .await
 }

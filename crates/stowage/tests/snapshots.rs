@@ -1422,14 +1422,16 @@ async fn tree_crashes(kind: Kind, test: &str, backend_points: &[&str], fill_poin
     let mut points = vec!["snapshot-after-intent"];
     points.extend_from_slice(backend_points);
     points.push("snapshot-after-backend");
-    let mut last = None;
+    // What the store and the pool must hold at the end.
+    let mut volumes = vec![src.volume_id.clone()];
+    let mut snapshots = Vec::new();
     for point in points {
         let snap = crash_snapshot(&mut s, point, &src.volume_id).await;
         let dir = s.snapshots_dir().join(&snap.snapshot_id);
         check_small(&dir, &format!("snapshot taken after a crash at {point}"));
-        last = Some(snap);
+        snapshots.push(snap);
     }
-    let snap = last.unwrap();
+    let snap = snapshots.pop().unwrap();
     let mut points = vec!["restore-after-clear"];
     points.extend_from_slice(fill_points);
     points.push("create-after-backend");
@@ -1439,6 +1441,7 @@ async fn tree_crashes(kind: Kind, test: &str, backend_points: &[&str], fill_poin
             &s.data_of(&v.volume_id),
             &format!("restore after a crash at {point}"),
         );
+        volumes.push(v.volume_id);
     }
     // Deleting a snapshot, interrupted.
     let id = snap.snapshot_id.clone();
@@ -1457,6 +1460,9 @@ async fn tree_crashes(kind: Kind, test: &str, backend_points: &[&str], fill_poin
     delete_snapshot(s.h(), &snap.snapshot_id).await.unwrap();
     agree(&s, "after the retried DeleteSnapshot").await;
     assert!(!s.snapshots_dir().join(&snap.snapshot_id).exists());
+    let volumes: Vec<&str> = volumes.iter().map(String::as_str).collect();
+    let snapshots: Vec<&str> = snapshots.iter().map(|s| s.snapshot_id.as_str()).collect();
+    assert_nothing_leaked(s.h(), &s.pool, &volumes, &snapshots, test).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -1513,12 +1519,14 @@ async fn image_snapshot_and_restore_survive_a_crash_at_every_step() {
         std::fs::write(m.target.join("a"), pattern(5, 100_000)).unwrap();
         sync_tree(&m.target);
         let mut last = None;
+        let mut snapshots = Vec::new();
         for point in [
             "snapshot-after-intent",
             "image-snapshot-frozen",
             "snapshot-after-backend",
         ] {
             let snap = crash_snapshot(&mut s, point, &src.volume_id).await;
+            snapshots.push(snap.snapshot_id.clone());
             write_completes(&m.target, &format!("after a crash at {point}")).await;
             if point == "image-snapshot-frozen" {
                 assert!(
@@ -1557,6 +1565,10 @@ async fn image_snapshot_and_restore_survive_a_crash_at_every_step() {
         }
         unpublish_unstage(s.h(), &m).await;
         agree(&s, test).await;
+        let mut volumes = vec![src.volume_id.as_str()];
+        volumes.extend(restored.iter().map(|v| v.volume_id.as_str()));
+        let snapshots: Vec<&str> = snapshots.iter().map(String::as_str).collect();
+        assert_nothing_leaked(s.h(), &s.pool, &volumes, &snapshots, test).await;
     })
     .await
 }

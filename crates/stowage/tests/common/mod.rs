@@ -160,7 +160,8 @@ impl Harness {
         }
     }
 
-    async fn try_channel(&self) -> Result<Channel, String> {
+    /// A connection to the socket, or why there is none (no socket, nobody accepting).
+    pub async fn try_channel(&self) -> Result<Channel, String> {
         let path = self.endpoint.trim_start_matches("unix://");
         if !Path::new(path).exists() {
             return Err("no socket yet".into());
@@ -213,6 +214,23 @@ impl Harness {
                 panic!("driver did not stop on SIGTERM within 20 s");
             }
             std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Waits (bounded) for the process to exit by itself (after a signal sent elsewhere).
+    pub fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let deadline = Instant::now() + Duration::from_secs(40);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("the driver did not exit within 40 s");
+            }
+            std::thread::sleep(Duration::from_millis(5));
         }
     }
 
