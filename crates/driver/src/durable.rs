@@ -12,7 +12,7 @@ use std::sync::{Mutex, MutexGuard};
 use stowage_core::Result;
 
 /// Counts writes and the flushes that made them durable.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct GroupSync {
     /// Writes noted so far; a write's ticket is the value after its increment.
     written: AtomicU64,
@@ -21,6 +21,15 @@ pub struct GroupSync {
     flushed: Mutex<u64>,
     /// Flushes run, for tests and the debug log.
     flushes: AtomicU64,
+    /// Which log this is in the metrics (`stowage_group_commit_batch_writes{log}`).
+    log: &'static str,
+}
+
+impl Default for GroupSync {
+    /// A pool's group commit (the store names its own with [`GroupSync::for_log`]).
+    fn default() -> Self {
+        GroupSync::for_log("pool")
+    }
 }
 
 /// What a caller holds between its write and its wait: the write's position in the order.
@@ -28,6 +37,16 @@ pub struct GroupSync {
 pub struct Ticket(u64);
 
 impl GroupSync {
+    /// A group commit reported as `log` in the metrics.
+    pub fn for_log(log: &'static str) -> Self {
+        GroupSync {
+            written: AtomicU64::new(0),
+            flushed: Mutex::new(0),
+            flushes: AtomicU64::new(0),
+            log,
+        }
+    }
+
     /// Notes a write that has reached the file (in the page cache). Call it after the write
     /// returned, while still holding whatever orders the writes (the store's connection).
     pub fn note_write(&self) -> Ticket {
@@ -52,6 +71,7 @@ impl GroupSync {
         let covers = self.written.load(Ordering::Acquire);
         flush()?;
         self.flushes.fetch_add(1, Ordering::Relaxed);
+        crate::metrics::recorder().batch(self.log, covers.saturating_sub(*flushed));
         *flushed = covers;
         Ok(())
     }

@@ -10,6 +10,8 @@ pub mod durable;
 pub mod engine;
 pub mod ephemeral;
 pub mod guard;
+pub mod health;
+pub mod metrics;
 pub mod node;
 pub mod phases;
 pub mod pool;

@@ -27,7 +27,7 @@ use tonic::{Request, Response, Status};
 
 use crate::engine::Engine;
 use crate::pool::{Mark, Pool, StageRequest, SIZE_GRANULE};
-use crate::service::{quiet, Cost, Driver, Service};
+use crate::service::{Cost, Driver, Service};
 use crate::statics::HandleAt;
 use crate::store::{Publication, PublicationKind, PublicationState, VolumeRecord};
 
@@ -1170,8 +1170,7 @@ impl csi::node_server::Node for Driver {
         &self,
         _req: Request<csi::NodeGetCapabilitiesRequest>,
     ) -> Result<Response<csi::NodeGetCapabilitiesResponse>, Status> {
-        self.serves(Service::Node)?;
-        quiet("NodeGetCapabilities");
+        self.quiet(Some(Service::Node), "NodeGetCapabilities")?;
         let capabilities = [
             NodeCap::StageUnstageVolume,
             NodeCap::GetVolumeStats,
@@ -1196,8 +1195,7 @@ impl csi::node_server::Node for Driver {
         &self,
         _req: Request<csi::NodeGetInfoRequest>,
     ) -> Result<Response<csi::NodeGetInfoResponse>, Status> {
-        self.serves(Service::Node)?;
-        quiet("NodeGetInfo");
+        self.quiet(Some(Service::Node), "NodeGetInfo")?;
         let engine: &Arc<Engine> = &self.engine;
         let identity = engine.identity();
         Ok(Response::new(csi::NodeGetInfoResponse {

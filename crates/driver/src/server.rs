@@ -46,6 +46,10 @@ pub struct ServeOptions {
     pub watch_interval: Duration,
     /// Group that may connect to the socket (mode 0660); None: root alone (0600).
     pub socket_group: Option<u32>,
+    /// Where `/metrics` is served (`--metrics-address`); None: nowhere.
+    pub metrics_address: Option<String>,
+    /// Where `/healthz` and `/readyz` are served (`--health-address`); None: nowhere.
+    pub health_address: Option<String>,
 }
 
 /// The socket path of a `unix://` endpoint.
@@ -147,6 +151,8 @@ fn bind(path: &Path, group: Option<u32>) -> Result<UnixListener> {
 pub async fn serve(opts: ServeOptions, shutdown: impl Future<Output = ()> + Send) -> Result<()> {
     let path = socket_path(&opts.endpoint)?;
     let engine = Arc::new(build_engine(&opts, Arc::new(LinuxKernel))?);
+    // Before the socket: a taken port is an error at start, with no socket left behind.
+    let http = serve_http_endpoints(&opts, &engine).await?;
     let listener = bind(&path, opts.socket_group)?;
     tracing::info!(
         endpoint = %opts.endpoint, node = %opts.node_id, driver = %opts.driver_name,
@@ -158,14 +164,22 @@ pub async fn serve(opts: ServeOptions, shutdown: impl Future<Output = ()> + Send
     // instead of a driver that is never ready and never says why.
     let reconciling = Arc::clone(&engine);
     let (failed_tx, failed_rx) = tokio::sync::oneshot::channel::<Error>();
+    crate::metrics::recorder().reconcile("running", None);
     tokio::task::spawn_blocking(move || {
         let started = std::time::Instant::now();
-        match reconciling.reconcile() {
-            Ok(()) => tracing::info!(
-                millis = started.elapsed().as_millis() as u64,
-                "reconciled; ready"
-            ),
+        hold_reconciliation_for_tests();
+        let outcome = reconciling.reconcile();
+        let took = started.elapsed();
+        match outcome {
+            Ok(()) => {
+                crate::metrics::recorder().reconcile("done", Some(took));
+                tracing::info!(
+                    duration_ms = took.as_micros() as f64 / 1e3,
+                    "reconciled; ready"
+                )
+            }
             Err(e) => {
+                crate::metrics::recorder().reconcile("failed", Some(took));
                 tracing::error!(error = %e, "start-up reconciliation failed; stopping");
                 let _ = failed_tx.send(e);
             }
@@ -245,12 +259,77 @@ pub async fn serve(opts: ServeOptions, shutdown: impl Future<Output = ()> + Send
     if let Some(watch) = watch {
         watch.abort();
     }
+    for task in http {
+        task.abort();
+    }
     served.map_err(|e| Error::internal("gRPC server", e))?;
     if let Some(e) = reconcile_failed {
         return Err(e);
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Binds `--health-address` and `--metrics-address` (one listener when both name the same
+/// address) and serves them in the background; the tasks are aborted when serving ends.
+async fn serve_http_endpoints(
+    opts: &ServeOptions,
+    engine: &Arc<Engine>,
+) -> Result<Vec<tokio::task::JoinHandle<()>>> {
+    let norm = |a: &Option<String>| a.as_deref().map(crate::health::listen_address);
+    let (health, metrics) = (norm(&opts.health_address), norm(&opts.metrics_address));
+    let registry = metrics
+        .as_ref()
+        .map(|_| Arc::new(crate::metrics::registry(Arc::clone(engine))));
+    let mut listeners = Vec::new();
+    if let Some(address) = &health {
+        let shared = metrics.as_ref() == Some(address);
+        listeners.push((address.clone(), true, shared));
+    }
+    if let Some(address) = &metrics {
+        if health.as_ref() != Some(address) {
+            listeners.push((address.clone(), false, true));
+        }
+    }
+    let mut tasks = Vec::new();
+    for (address, health, with_metrics) in listeners {
+        let what = match (health, with_metrics) {
+            (true, true) => "health and metrics",
+            (true, false) => "health",
+            _ => "metrics",
+        };
+        let listener = crate::health::bind(&address, what).await?;
+        let local = listener
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or(address);
+        let paths = match (health, with_metrics) {
+            (true, true) => "/healthz /readyz /metrics",
+            (true, false) => "/healthz /readyz",
+            _ => "/metrics",
+        };
+        tracing::info!(address = %local, paths, "serving {what} over HTTP");
+        let endpoints = crate::health::Endpoints {
+            engine: Arc::clone(engine),
+            health,
+            metrics: registry.clone().filter(|_| with_metrics),
+        };
+        tasks.push(tokio::spawn(crate::health::serve_http(listener, endpoints)));
+    }
+    Ok(tasks)
+}
+
+/// For the readiness tests: `STOWAGE_TEST_HOLD_RECONCILE=<file>` holds start-up
+/// reconciliation while that file exists (60 s at most), so a test can see the driver
+/// before it is ready. Unset (always, outside those tests), it costs one lookup at start.
+fn hold_reconciliation_for_tests() {
+    let Some(file) = std::env::var_os("STOWAGE_TEST_HOLD_RECONCILE") else {
+        return;
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while Path::new(&file).exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// Resolves on SIGTERM or SIGINT.

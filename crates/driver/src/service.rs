@@ -1,5 +1,6 @@
 //! The tonic services. Each RPC is one line of plumbing: validate into a typed request, run
-//! the engine on a blocking thread, log once, map the error in the one place it is mapped.
+//! the engine on a blocking thread, log once and count it in the metrics, map the error in
+//! the one place it is mapped.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -16,6 +17,7 @@ use stowage_csi::v1::plugin_capability::service::Type as PluginService;
 use tonic::{Request, Response, Status};
 
 use crate::engine::Engine;
+use crate::metrics::code_name;
 
 /// Which CSI services this process serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -126,10 +128,14 @@ impl Driver {
         F: FnOnce(&Engine) -> Result<T> + Send + 'static,
         T: Send + 'static,
     {
-        self.serves(service)?;
+        let start = Instant::now();
+        if let Err(refused) = self.serves(service) {
+            crate::metrics::recorder().rpc(rpc, refused.code(), start.elapsed());
+            tracing::info!(method = rpc, outcome = code_name(refused.code()));
+            return Err(refused);
+        }
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         let _in_flight = InFlight(Arc::clone(&self.in_flight));
-        let start = Instant::now();
         let engine = Arc::clone(&self.engine);
         let timed = crate::phases::enabled();
         let (result, stages) = match engine.require_ready() {
@@ -176,11 +182,18 @@ impl Driver {
         if let Some(stages) = stages {
             tracing::debug!(target: "stowage_driver::phases", rpc, stages = %stages.render(), "stages, microseconds");
         }
-        let micros = start.elapsed().as_micros() as u64;
+        // The one line of the call: the volume (or name, or snapshot) as a plain string,
+        // never a request's parameters, contexts or secrets (see docs/operations.md, "Logs").
+        let elapsed = start.elapsed();
+        // Whole microseconds, so the JSON reads 3.332, not 3.3319780000000003.
+        let duration_ms = elapsed.as_micros() as f64 / 1e3;
+        let code = result.as_ref().err().map_or(tonic::Code::Ok, Error::code);
+        crate::metrics::recorder().rpc(rpc, code, elapsed);
+        let outcome = code_name(code);
         match &result {
-            Ok(_) => tracing::info!(rpc, volume = ?subject, outcome = "OK", micros),
+            Ok(_) => tracing::info!(method = rpc, volume = %subject, outcome, duration_ms),
             Err(e) => {
-                tracing::warn!(rpc, volume = ?subject, outcome = ?e.code(), micros, error = %e)
+                tracing::warn!(method = rpc, volume = %subject, outcome, duration_ms, error = %e)
             }
         }
         result.map(Response::new).map_err(Status::from)
@@ -193,7 +206,7 @@ impl csi::identity_server::Identity for Driver {
         &self,
         _req: Request<csi::GetPluginInfoRequest>,
     ) -> Result<Response<csi::GetPluginInfoResponse>, Status> {
-        quiet("GetPluginInfo");
+        self.quiet(None, "GetPluginInfo")?;
         Ok(Response::new(csi::GetPluginInfoResponse {
             name: self.name.to_string(),
             vendor_version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -205,7 +218,7 @@ impl csi::identity_server::Identity for Driver {
         &self,
         _req: Request<csi::GetPluginCapabilitiesRequest>,
     ) -> Result<Response<csi::GetPluginCapabilitiesResponse>, Status> {
-        quiet("GetPluginCapabilities");
+        self.quiet(None, "GetPluginCapabilities")?;
         let service = |t: PluginService| csi::PluginCapability {
             r#type: Some(csi::plugin_capability::Type::Service(
                 csi::plugin_capability::Service { r#type: t as i32 },
@@ -234,26 +247,53 @@ impl csi::identity_server::Identity for Driver {
         &self,
         _req: Request<csi::ProbeRequest>,
     ) -> Result<Response<csi::ProbeResponse>, Status> {
-        quiet("Probe");
+        let start = Instant::now();
+        // The same check as /readyz (health.rs): reconciled, store answering, every pool
+        // reachable and writable. A few syscalls per pool, off the async workers.
+        let engine = Arc::clone(&self.engine);
+        let problems = tokio::task::spawn_blocking(move || crate::health::readiness(&engine))
+            .await
+            .unwrap_or_else(|e| vec![format!("readiness check failed: {e}")]);
+        crate::metrics::recorder().rpc("Probe", tonic::Code::Ok, start.elapsed());
+        tracing::debug!(
+            method = "Probe",
+            outcome = "OK",
+            ready = problems.is_empty(),
+            problems = %problems.join("; ")
+        );
         Ok(Response::new(csi::ProbeResponse {
-            ready: Some(self.engine.is_ready()),
+            ready: Some(problems.is_empty()),
         }))
     }
 }
 
-/// Logs an identity or capability call at debug level: the sidecars poll these (Probe every
-/// few seconds), and at info they would drown the calls that change something.
-pub(crate) fn quiet(rpc: &'static str) {
-    tracing::debug!(rpc, outcome = "OK");
+impl Driver {
+    /// Counts an identity or capability call, refused with UNIMPLEMENTED when it belongs to
+    /// a `service` this mode does not serve, and logs it at debug level: the sidecars poll
+    /// these (Probe every few seconds), and at info they would drown the calls that change
+    /// something.
+    pub(crate) fn quiet(&self, service: Option<Service>, rpc: &'static str) -> Result<(), Status> {
+        let start = Instant::now();
+        let served = service.map_or(Ok(()), |s| self.serves(s));
+        let code = served.as_ref().err().map_or(tonic::Code::Ok, Status::code);
+        crate::metrics::recorder().rpc(rpc, code, start.elapsed());
+        tracing::debug!(method = rpc, outcome = code_name(code));
+        served
+    }
 }
 
 fn unimplemented<T>(driver: &Driver, rpc: &'static str) -> Result<Response<T>, Status> {
-    driver.serves(Service::Controller)?;
-    tracing::info!(rpc, outcome = "Unimplemented");
-    Err(Error::Unimplemented(format!(
-        "{rpc} is not offered by stowage (see ControllerGetCapabilities)"
-    ))
-    .into())
+    let start = Instant::now();
+    let refused = match driver.serves(Service::Controller) {
+        Err(refused) => refused,
+        Ok(()) => Error::Unimplemented(format!(
+            "{rpc} is not offered by stowage (see ControllerGetCapabilities)"
+        ))
+        .into(),
+    };
+    crate::metrics::recorder().rpc(rpc, refused.code(), start.elapsed());
+    tracing::info!(method = rpc, outcome = code_name(refused.code()));
+    Err(refused)
 }
 
 #[tonic::async_trait]
@@ -362,8 +402,7 @@ impl csi::controller_server::Controller for Driver {
         &self,
         _req: Request<csi::ControllerGetCapabilitiesRequest>,
     ) -> Result<Response<csi::ControllerGetCapabilitiesResponse>, Status> {
-        self.serves(Service::Controller)?;
-        quiet("ControllerGetCapabilities");
+        self.quiet(Some(Service::Controller), "ControllerGetCapabilities")?;
         let capabilities = [
             CtrlCap::CreateDeleteVolume,
             CtrlCap::ListVolumes,

@@ -8,6 +8,7 @@
 //! commit ([`crate::durable::GroupSync`]) — one fdatasync of the WAL for every intent written
 //! while the previous one ran. Completions and publications ride along with the next flush.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
@@ -269,6 +270,21 @@ pub struct Publication {
     pub staging_path: Option<String>,
 }
 
+/// What [`Store::counts`] reports.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StoreCounts {
+    /// Volume records per pool, every state.
+    pub volumes: HashMap<String, u64>,
+    /// Snapshot records per pool, every state.
+    pub snapshots: HashMap<String, u64>,
+    /// Volumes `creating` or `deleting`.
+    pub pending_volumes: u64,
+    /// Snapshots `creating` or `deleting`.
+    pub pending_snapshots: u64,
+    /// Publications `mounting` or `unmounting`.
+    pub pending_publications: u64,
+}
+
 /// The SQLite-backed store. One connection behind a mutex: SQLite serialises writers anyway,
 /// and every statement here touches a handful of rows by index.
 #[derive(Debug)]
@@ -407,7 +423,7 @@ impl Store {
         let store = Store {
             conn: Mutex::new(conn),
             wal: Some(wal),
-            group: GroupSync::default(),
+            group: GroupSync::for_log("store"),
         };
         // Whatever a previous run left unflushed, and the schema, are durable from here on.
         store.group.note_write();
@@ -420,7 +436,7 @@ impl Store {
         Ok(Store {
             conn: Mutex::new(Self::init(Connection::open_in_memory().map_err(db_err)?)?),
             wal: None,
-            group: GroupSync::default(),
+            group: GroupSync::for_log("store"),
         })
     }
 
@@ -729,6 +745,43 @@ impl Store {
             .map_err(db_err)?;
         let rows = st.query_map([prefix], volume_from_row).map_err(db_err)?;
         rows.collect::<rusqlite::Result<_>>().map_err(db_err)
+    }
+
+    /// Records per pool and records whose operation is not complete, for the metrics scrape:
+    /// a few aggregate queries over small tables (and the partial `state != 'ready'` index).
+    pub fn counts(&self) -> Result<StoreCounts> {
+        let conn = self.conn();
+        let per_pool = |sql: &str| -> Result<HashMap<String, u64>> {
+            let mut st = conn.prepare_cached(sql).map_err(db_err)?;
+            let rows = st
+                .query_map([], |r| {
+                    Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
+                })
+                .map_err(db_err)?;
+            rows.collect::<rusqlite::Result<_>>().map_err(db_err)
+        };
+        let count = |sql: &str| -> Result<u64> {
+            conn.query_row(sql, [], |r| r.get::<_, i64>(0))
+                .map(|n| n as u64)
+                .map_err(db_err)
+        };
+        Ok(StoreCounts {
+            volumes: per_pool("SELECT pool, COUNT(*) FROM volumes GROUP BY pool")?,
+            snapshots: per_pool("SELECT pool, COUNT(*) FROM snapshots GROUP BY pool")?,
+            pending_volumes: count("SELECT COUNT(*) FROM volumes WHERE state != 'ready'")?,
+            pending_snapshots: count("SELECT COUNT(*) FROM snapshots WHERE state != 'ready'")?,
+            pending_publications: count(
+                "SELECT COUNT(*) FROM publications WHERE state != 'mounted'",
+            )?,
+        })
+    }
+
+    /// Whether the database answers a query (the readiness check's "store open").
+    pub fn ping(&self) -> Result<()> {
+        self.conn()
+            .query_row("SELECT 1", [], |r| r.get::<_, i64>(0))
+            .map(|_| ())
+            .map_err(db_err)
     }
 
     /// Ids of every volume record, in any state.

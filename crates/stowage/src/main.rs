@@ -98,14 +98,76 @@ struct ServeArgs {
     /// need.
     #[arg(long, env = "STOWAGE_SOCKET_GROUP", value_name = "GID")]
     socket_group: Option<u32>,
-    /// Log format.
+    /// Log format: `text` for people, `json` (one object per line) for log collectors.
     #[arg(long, env = "STOWAGE_LOG_FORMAT", value_enum, default_value = "text")]
     log_format: LogFormat,
+    /// Least severe level logged. RUST_LOG, when set, is combined with it: its per-target
+    /// directives (`stowage_driver::phases=debug`) refine it, a bare level in it replaces it.
+    #[arg(long, env = "STOWAGE_LOG_LEVEL", value_enum, default_value = "info")]
+    log_level: LogLevel,
+    /// Serve Prometheus metrics at GET /metrics on this address (`PORT` or `:PORT`: on
+    /// loopback; `0.0.0.0:PORT` on every interface). Off unless given.
+    #[arg(long, env = "STOWAGE_METRICS_ADDRESS", value_name = "ADDR")]
+    metrics_address: Option<String>,
+    /// Serve /healthz (alive) and /readyz (ready: reconciled, store answering, every pool
+    /// reachable and writable) on this address (as --metrics-address; the same address
+    /// serves both). Off unless given.
+    #[arg(long, env = "STOWAGE_HEALTH_ADDRESS", value_name = "ADDR")]
+    health_address: Option<String>,
 }
 
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogLevel {
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+impl LogLevel {
+    fn as_str(self) -> &'static str {
+        match self {
+            LogLevel::Error => "error",
+            LogLevel::Warn => "warn",
+            LogLevel::Info => "info",
+            LogLevel::Debug => "debug",
+            LogLevel::Trace => "trace",
+        }
+    }
+}
+
+/// The filter of `--log-level` combined with RUST_LOG (see `ServeArgs::log_level`): a bare
+/// level in RUST_LOG replaces the flag's, every other directive is added to it.
+fn log_filter(level: LogLevel, rust_log: Option<&str>) -> String {
+    let mut base = level.as_str().to_owned();
+    let mut rest = Vec::new();
+    for directive in rust_log.unwrap_or("").split(',').map(str::trim) {
+        if directive.is_empty() {
+            continue;
+        }
+        if directive
+            .parse::<tracing_subscriber::filter::LevelFilter>()
+            .is_ok()
+        {
+            base = directive.to_owned();
+        } else {
+            rest.push(directive);
+        }
+    }
+    std::iter::once(base.as_str())
+        .chain(rest)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn init_logging(format: LogFormat, level: LogLevel) {
+    let rust_log = std::env::var("RUST_LOG").ok();
+    let directives = log_filter(level, rust_log.as_deref());
+    let filter = tracing_subscriber::EnvFilter::try_new(&directives).unwrap_or_else(|e| {
+        eprintln!("warning: RUST_LOG={rust_log:?} is not understood ({e}); using --log-level");
+        tracing_subscriber::EnvFilter::new(level.as_str())
+    });
     // Colour codes only where a person reads a terminal, never in files or log collectors.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -126,7 +188,7 @@ fn host_name() -> String {
 }
 
 async fn serve(args: ServeArgs) -> ExitCode {
-    init_logging(args.log_format);
+    init_logging(args.log_format, args.log_level);
     let config = match &args.config {
         None => None,
         Some(path) => match std::fs::read_to_string(path)
@@ -156,6 +218,8 @@ async fn serve(args: ServeArgs) -> ExitCode {
         controller_expansion: args.controller_expansion,
         watch_interval: std::time::Duration::from_secs(args.watch_interval),
         socket_group: args.socket_group,
+        metrics_address: args.metrics_address,
+        health_address: args.health_address,
     };
     match stowage_driver::serve(opts, stowage_driver::termination()).await {
         Ok(()) => ExitCode::SUCCESS,
@@ -185,4 +249,24 @@ fn main() -> ExitCode {
             Command::Bench(args) => stowage_client::bench::run(args).await,
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rust_log_refines_or_replaces_the_level() {
+        assert_eq!(log_filter(LogLevel::Info, None), "info");
+        assert_eq!(log_filter(LogLevel::Warn, Some("")), "warn");
+        assert_eq!(log_filter(LogLevel::Info, Some("debug")), "debug");
+        assert_eq!(
+            log_filter(LogLevel::Info, Some("stowage_driver::phases=debug")),
+            "info,stowage_driver::phases=debug"
+        );
+        assert_eq!(
+            log_filter(LogLevel::Error, Some("warn, hyper=off")),
+            "warn,hyper=off"
+        );
+    }
 }

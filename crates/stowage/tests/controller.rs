@@ -931,7 +931,7 @@ async fn a_crash_mid_workload_leaves_store_and_disk_consistent() {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
         while h
             .log_text()
-            .matches("rpc=\"CreateVolume\" volume=\"bench-")
+            .matches("method=\"CreateVolume\" volume=bench-")
             .count()
             < 200
         {

@@ -315,6 +315,10 @@ async fn every_overlay_matches_what_the_binary_advertises() {
             std::fs::write(&path, rewritten).unwrap();
             run_args.push(format!("--config={}", path.display()));
         }
+        // The HTTP endpoints on a free loopback port instead of the pod's fixed ones.
+        run_args
+            .retain(|a| !a.starts_with("--health-address") && !a.starts_with("--metrics-address"));
+        run_args.push("--health-address=127.0.0.1:0".into());
         let run_refs: Vec<&str> = run_args.iter().map(String::as_str).collect();
         let h = Harness::start(&run_refs).await;
         let identity = caps(&h, "identity");
@@ -395,7 +399,9 @@ async fn every_overlay_matches_what_the_binary_advertises() {
             "{overlay}: csi-resizer vs {controller:?} {node:?}"
         );
         assert!(container(ds, "node-driver-registrar").is_some());
-        assert!(container(ds, "liveness-probe").is_some());
+        // No livenessprobe sidecar: it fails liveness when Probe says not ready, and Probe
+        // says so for an unwritable pool, which a restart does not fix (see the probes below).
+        assert!(container(ds, "liveness-probe").is_none(), "{overlay}");
 
         // The mode: every node provisions (and snapshots) its own volumes, so a resizer that
         // would call ControllerExpandVolume on some other node's driver must not.
@@ -441,19 +447,40 @@ async fn every_overlay_matches_what_the_binary_advertises() {
             );
         }
 
-        // The driver's liveness probe is the livenessprobe sidecar's endpoint.
-        let probe = container(ds, "liveness-probe").unwrap();
-        let port = arg_values(probe, "--http-endpoint");
-        assert_eq!(port.len(), 1);
-        let port: u64 = port[0].trim_start_matches(':').parse().expect("port");
-        let named = driver["ports"]
-            .as_array()
-            .expect("driver ports")
-            .iter()
-            .find(|p| p["name"] == driver["livenessProbe"]["httpGet"]["port"])
-            .expect("the liveness probe's named port");
-        assert_eq!(named["containerPort"], port);
-        assert_eq!(driver["livenessProbe"]["httpGet"]["path"], "/healthz");
+        // The driver's probes are its own endpoints: liveness /healthz, readiness /readyz,
+        // on the named port of --health-address, bound where kubelet reaches it (the pod's
+        // address, not loopback); /metrics on the named port of --metrics-address.
+        let port_of = |flag: &str| -> u64 {
+            let address = arg_values(driver, flag);
+            assert_eq!(address.len(), 1, "{overlay}: {flag}");
+            let (host, port) = address[0].rsplit_once(':').expect("host:port");
+            assert!(
+                !host.is_empty() && !host.starts_with("127.") && host != "localhost",
+                "{overlay}: {flag}={} is not reachable from kubelet",
+                address[0]
+            );
+            port.parse().expect("port")
+        };
+        let named_port = |name: &Value| -> Value {
+            driver["ports"]
+                .as_array()
+                .expect("driver ports")
+                .iter()
+                .find(|p| &p["name"] == name)
+                .unwrap_or_else(|| panic!("{overlay}: no port named {name}"))["containerPort"]
+                .clone()
+        };
+        let health = port_of("--health-address");
+        for (probe, path) in [("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")] {
+            let get = &driver[probe]["httpGet"];
+            assert_eq!(get["path"], path, "{overlay}: {probe}");
+            assert_eq!(named_port(&get["port"]), health, "{overlay}: {probe} port");
+        }
+        assert_eq!(
+            named_port(&Value::from("metrics")),
+            port_of("--metrics-address"),
+            "{overlay}: metrics port"
+        );
 
         // Every socket path is the plugin directory kubelet knows the driver by.
         let plugin_dir = format!("/var/lib/kubelet/plugins/{DRIVER}");

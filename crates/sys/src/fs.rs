@@ -566,6 +566,14 @@ pub fn fs_space(fd: BorrowedFd<'_>) -> SysResult<FsSpace> {
     })
 }
 
+/// Whether this process may create entries in directory `dir` (faccessat `W_OK` with the
+/// effective ids, `AT_EACCESS`): EROFS on a read-only mount, EACCES where the mode refuses
+/// it. Nothing is created, so a readiness check can ask it as often as it likes.
+pub fn check_writable(dir: BorrowedFd<'_>) -> SysResult<()> {
+    rustix::fs::accessat(dir, c".", rustix::fs::Access::WRITE_OK, AtFlags::EACCESS)
+        .map_err(|e| at_error("faccessat W_OK", dir, b"", e))
+}
+
 /// Walks the tree under directory `dir` without following symlinks or crossing mounts and
 /// sums allocated bytes and inodes (the directory itself included). A symlink counts as one
 /// inode of its own size, never its target's.

@@ -26,6 +26,7 @@ mod kernel;
 mod linux;
 pub mod loopdev;
 pub mod mountinfo;
+pub mod proc;
 
 pub use blockfs::{DeviceContent, FsKind};
 pub use btrfs::{qgroup_id, qgroup_name, Qgroup, QuotaMode as BtrfsQuotaMode};
