@@ -26,6 +26,8 @@ use crate::store::Store;
 
 /// How long shutdown waits for calls in flight.
 const DRAIN_LIMIT: Duration = Duration::from_secs(30);
+/// How long nothing must be in flight before a draining server exits (see [`serve`]).
+const DRAIN_LINGER: Duration = Duration::from_millis(50);
 
 /// Everything `stowage serve` is told.
 #[derive(Debug, Clone)]
@@ -239,11 +241,18 @@ pub async fn serve(opts: ServeOptions, shutdown: impl Future<Output = ()> + Send
             let _ = stop_accepting.send(());
             let _ = std::fs::remove_file(&path);
             let deadline = tokio::time::Instant::now() + DRAIN_LIMIT;
+            // A call counts as done when its handler returns, a moment before tonic has
+            // encoded and written its answer: exit only once nothing has been in flight for
+            // DRAIN_LINGER, so the last answers reach their clients.
+            let mut idle_since: Option<tokio::time::Instant> = None;
             loop {
                 tokio::select! {
                     served = &mut server => break served,
                     () = tokio::time::sleep(Duration::from_millis(10)) => {
-                        if driver.in_flight() == 0 {
+                        let now = tokio::time::Instant::now();
+                        if driver.in_flight() > 0 {
+                            idle_since = None;
+                        } else if now.duration_since(*idle_since.get_or_insert(now)) >= DRAIN_LINGER {
                             break Ok(());
                         }
                         if tokio::time::Instant::now() >= deadline {
