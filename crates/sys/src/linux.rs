@@ -408,8 +408,8 @@ impl Kernel for LinuxKernel {
         match ret {
             Ok(()) => {}
             // xfs keeps no record of a project with nothing charged and no limit, and says
-            // ENOENT for it (seen on Linux 6.1 and 6.12); ext4 answers zeros. Both mean the
-            // same: nothing used, no limit.
+            // ENOENT for it (seen on Linux 6.1 by scripts/vm-test); ext4 answers zeros. Both
+            // mean the same: nothing used, no limit.
             Err(Errno::NOENT) => return Ok(QuotaUsage::default()),
             Err(e) => {
                 return Err(SysError::new(
