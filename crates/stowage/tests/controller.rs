@@ -928,7 +928,7 @@ async fn a_crash_mid_workload_leaves_store_and_disk_consistent() {
             .spawn()
             .unwrap();
         // Crash only once the load is really running.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let deadline = std::time::Instant::now() + scaled_secs(30);
         while h
             .log_text()
             .matches("method=\"CreateVolume\" volume=bench-")

@@ -133,7 +133,7 @@ impl Harness {
 
     /// Waits (bounded) until Probe says ready; panics if the process exits first.
     pub async fn wait_ready(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + scaled_secs(30);
         loop {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!(
@@ -153,7 +153,8 @@ impl Harness {
             }
             assert!(
                 Instant::now() < deadline,
-                "driver not ready in 30 s; log:\n{}",
+                "driver not ready in {} s; log:\n{}",
+                scaled_secs(30).as_secs(),
                 self.log_text()
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -204,14 +205,17 @@ impl Harness {
             .arg("-TERM")
             .arg(child.id().to_string())
             .status();
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + scaled_secs(20);
         loop {
             if let Some(status) = child.try_wait().unwrap() {
                 return status;
             }
             if Instant::now() > deadline {
                 let _ = child.kill();
-                panic!("driver did not stop on SIGTERM within 20 s");
+                panic!(
+                    "driver did not stop on SIGTERM within {} s",
+                    scaled_secs(20).as_secs()
+                );
             }
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -220,7 +224,7 @@ impl Harness {
     /// Waits (bounded) for the process to exit by itself (after a signal sent elsewhere).
     pub fn wait_exit(&mut self) -> std::process::ExitStatus {
         let mut child = self.child.take().expect("running");
-        let deadline = Instant::now() + Duration::from_secs(40);
+        let deadline = Instant::now() + scaled_secs(40);
         loop {
             if let Some(status) = child.try_wait().unwrap() {
                 return status;
@@ -241,7 +245,7 @@ impl Harness {
     pub fn await_crash(&mut self) -> bool {
         use std::os::unix::process::ExitStatusExt;
         let mut child = self.child.take().expect("running");
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + scaled_secs(20);
         loop {
             if let Some(status) = child.try_wait().unwrap() {
                 if let Some((_, point)) = self.env.iter().find(|(k, _)| k == CRASH_ENV) {
@@ -262,7 +266,10 @@ impl Harness {
             if Instant::now() > deadline {
                 let _ = child.kill();
                 let _ = child.wait();
-                panic!("the driver did not reach its crash point within 20 s");
+                panic!(
+                    "the driver did not reach its crash point within {} s",
+                    scaled_secs(20).as_secs()
+                );
             }
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -417,11 +424,28 @@ pub fn code<T>(r: Result<tonic::Response<T>, tonic::Status>) -> tonic::Code {
     }
 }
 
+/// How many times slower than a real machine this one runs: `STOWAGE_TEST_TIME_SCALE`, a
+/// whole number (default 1), which scales the tests' time bounds. scripts/vm-test sets it,
+/// whose guest runs under software emulation (TCG), many times slower than the host.
+pub fn time_scale() -> u32 {
+    std::env::var("STOWAGE_TEST_TIME_SCALE")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .filter(|&n| n >= 1)
+        .unwrap_or(1)
+}
+
+/// `secs` seconds on a real machine, scaled by [`time_scale`].
+pub fn scaled_secs(secs: u64) -> Duration {
+    Duration::from_secs(secs * u64::from(time_scale()))
+}
+
 /// Bounds a test body in time.
 pub async fn bounded<F: std::future::Future<Output = ()>>(f: F) {
-    tokio::time::timeout(Duration::from_secs(120), f)
+    let bound = scaled_secs(120);
+    tokio::time::timeout(bound, f)
         .await
-        .expect("test took over 120 s");
+        .unwrap_or_else(|_| panic!("test took over {} s", bound.as_secs()));
 }
 
 /// A btrfs on a loop-mounted image; unmounted on drop (mount's autoclear frees the loop).
