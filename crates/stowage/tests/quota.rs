@@ -1,6 +1,6 @@
 //! Project quotas on a real kernel: on an ext4 (formatted with `-O quota,project`, mounted
 //! `prjquota`) and an xfs (mounted `pquota`) filesystem built on a loop-mounted image file,
-//! a `dir` pool's volume says `capacityEnforcement=quota` in its context; a write past its
+//! a `dir` pool's volume says `capacityEnforcement=hard` in its context; a write past its
 //! size fails; NodeGetVolumeStats reports the quota's own counters; expansion raises the
 //! enforced limit; deletion lifts it. Where the kernel or the tools cannot provide project
 //! quotas, the test says exactly why it skipped (the quota logic itself is covered through
@@ -185,7 +185,7 @@ async fn quota_enforced_on(fs: &str) {
     if v.volume_context
         .get("capacityEnforcement")
         .map(String::as_str)
-        != Some("quota")
+        != Some("hard")
     {
         loud!(
             "SKIPPED (project quotas not enforced on {fs} here: {:?}): {test}",

@@ -135,7 +135,7 @@ impl PoolBackend for DirBackend {
         let mut ctx = HashMap::new();
         match &self.quota {
             QuotaSupport::Enforced => {
-                ctx.insert("capacityEnforcement".to_owned(), "quota".to_owned());
+                ctx.insert("capacityEnforcement".to_owned(), "hard".to_owned());
             }
             QuotaSupport::Unavailable(_) => {
                 ctx.insert("capacityEnforcement".to_owned(), "advisory".to_owned());
@@ -402,7 +402,7 @@ mod tests {
         let kernel = Arc::new(FakeKernel::new());
         kernel.set_quota_support(QuotaSupport::Enforced);
         let pool = pool_with(Arc::clone(&kernel), dir.path());
-        assert_eq!(pool.context()["capacityEnforcement"], "quota");
+        assert_eq!(pool.context()["capacityEnforcement"], "hard");
         kernel.clear();
 
         let vol = record(7, 5 << 20);
@@ -527,7 +527,7 @@ mod tests {
         let ctx = pool.volume_context();
         assert_eq!(ctx.len(), 2, "{ctx:?}");
         assert_eq!(ctx["pool"], "fast");
-        assert_eq!(ctx["capacityEnforcement"], "quota");
+        assert_eq!(ctx["capacityEnforcement"], "hard");
         let b = pool.backend();
         assert!(b.enforces_capacity() && !b.supports_block());
         assert!(b.supports_fs_type("") && b.supports_fs_type(b.default_fs_type()));
