@@ -1000,6 +1000,7 @@ mod tests {
             quotas,
             overcommit,
             overcommit_ratio: None,
+            stats: None,
         }
     }
 
