@@ -34,8 +34,10 @@ pub struct Figure {
     pub started: Instant,
     /// Wall time from that start to its end (several calls' slices for a stopped walk).
     pub took: Duration,
-    /// Entries the walk examined.
-    pub entries: u64,
+    /// Time spent walking: the slices' durations added up.
+    pub walking: Duration,
+    /// Calls whose slices made the walk.
+    pub slices: u32,
 }
 
 /// How a call's answer came about.
@@ -96,6 +98,9 @@ struct SlotState {
     walk: UsageWalk,
     /// When the walk in progress started.
     walk_started: Option<Instant>,
+    /// Its slices so far, and their time.
+    walk_slices: u32,
+    walking: Duration,
     /// The last slice failed: a waiting caller walks itself instead of sharing.
     failed: bool,
 }
@@ -201,18 +206,20 @@ impl UsageCache {
         });
         self.counters.slices.fetch_add(1, Ordering::Relaxed);
         let step = walk(&mut state.walk, now + self.budget);
+        state.walk_slices += 1;
+        state.walking += now.elapsed();
         slot.slices.fetch_add(1, Ordering::Release);
         state.failed = step.is_err();
         match step {
             Ok(WalkStep::Done(usage)) => {
                 self.counters.walks_done.fetch_add(1, Ordering::Relaxed);
-                let entries = state.walk.entries();
                 state.walk_started = None;
                 state.figure = Some(Figure {
                     usage,
                     started,
                     took: started.elapsed(),
-                    entries,
+                    walking: std::mem::take(&mut state.walking),
+                    slices: std::mem::take(&mut state.walk_slices),
                 });
                 Ok(Measured {
                     figure: state.figure,
@@ -223,6 +230,8 @@ impl UsageCache {
             Err(e) => {
                 // The walk was abandoned (UsageWalk starts over after an error).
                 state.walk_started = None;
+                state.walk_slices = 0;
+                state.walking = Duration::ZERO;
                 Err(e)
             }
         }
