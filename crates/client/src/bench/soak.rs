@@ -123,6 +123,11 @@ pub struct SoakArgs {
     #[arg(long)]
     pub pid: Option<u32>,
 
+    /// Count only the loop devices whose backing file lies under this directory (the pools'),
+    /// so that another user of loop devices on the machine does not count [default: all].
+    #[arg(long, value_name = "DIR")]
+    pub loops_under: Option<PathBuf>,
+
     /// Time between samples.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     pub sample_every: Duration,
@@ -834,25 +839,29 @@ fn fd_count(pid: u32) -> Option<u64> {
         .map(|d| d.count() as u64)
 }
 
-/// Loop devices with a backing file (attached).
-fn loops_attached() -> u64 {
+/// Loop devices attached (with a backing file), only those backed by a file under `under`
+/// when given.
+fn loops_attached(under: Option<&Path>) -> u64 {
     std::fs::read_dir("/sys/block")
         .map(|d| {
             d.filter_map(Result::ok)
                 .filter(|e| e.file_name().to_string_lossy().starts_with("loop"))
-                .filter(|e| e.path().join("loop/backing_file").exists())
+                .filter_map(|e| std::fs::read_to_string(e.path().join("loop/backing_file")).ok())
+                .filter(|backing| {
+                    under.is_none_or(|u| Path::new(backing.trim_end()).starts_with(u))
+                })
                 .count() as u64
         })
         .unwrap_or(0)
 }
 
-fn sample(pid: Option<u32>, start: Instant, ops: u64) -> Sample {
+fn sample(pid: Option<u32>, loops_under: Option<&Path>, start: Instant, ops: u64) -> Sample {
     Sample {
         at_s: start.elapsed().as_secs_f64(),
         ops,
         rss_bytes: pid.and_then(|p| read_rss(p).ok()),
         fds: pid.and_then(fd_count),
-        loops: loops_attached(),
+        loops: loops_attached(loops_under),
     }
 }
 
@@ -1151,14 +1160,16 @@ pub(super) async fn run(
         stop: AtomicBool::new(false),
     });
     let start = Instant::now();
-    let before = sample(args.pid, start, 0);
+    let under = args.loops_under.clone();
+    let before = sample(args.pid, under.as_deref(), start, 0);
     let samples = Arc::new(StdMutex::new(vec![before.clone()]));
     let sampler = {
-        let (samples, shared, pid, every) = (
+        let (samples, shared, pid, every, under) = (
             Arc::clone(&samples),
             Arc::clone(&shared),
             args.pid,
             args.sample_every,
+            under.clone(),
         );
         tokio::spawn(async move {
             loop {
@@ -1166,7 +1177,12 @@ pub(super) async fn run(
                 if shared.stop.load(Ordering::Relaxed) {
                     return;
                 }
-                let s = sample(pid, start, shared.done.load(Ordering::Relaxed));
+                let s = sample(
+                    pid,
+                    under.as_deref(),
+                    start,
+                    shared.done.load(Ordering::Relaxed),
+                );
                 samples.lock().unwrap().push(s);
             }
         })
@@ -1203,12 +1219,12 @@ pub(super) async fn run(
     shared.stop.store(true, Ordering::Relaxed);
     sampler.abort();
     let ops = shared.done.load(Ordering::Relaxed);
-    let end_run = sample(args.pid, start, ops);
+    let end_run = sample(args.pid, under.as_deref(), start, ops);
     let end_state = check_end_state(&shared).await;
     let left = cleanup(&shared).await;
     // Let the driver close what the last calls used before the final count.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let after = sample(args.pid, start, ops);
+    let after = sample(args.pid, under.as_deref(), start, ops);
     let mut samples = std::mem::take(&mut *samples.lock().unwrap());
     samples.push(end_run);
     samples.push(after.clone());
