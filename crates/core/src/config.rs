@@ -17,6 +17,7 @@
 
 use std::collections::BTreeSet;
 use std::path::{Component, Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -104,6 +105,79 @@ pub struct PoolConfig {
     /// `btrfs` only: GetCapacity ignores the limits already given to volumes (default false).
     #[serde(default)]
     pub overcommit: Option<bool>,
+    /// `dir` pools only: how NodeGetVolumeStats measures a volume whose size is advisory (a
+    /// walk of its tree); `[pool.stats]`.
+    #[serde(default)]
+    pub stats: Option<StatsConfig>,
+}
+
+/// The minimum age of a volume's usage figure before it is measured again.
+pub const DEFAULT_STATS_MIN_AGE: Duration = Duration::from_secs(30);
+/// How long one NodeGetVolumeStats call may walk a volume's tree.
+pub const DEFAULT_STATS_WALK_BUDGET: Duration = Duration::from_secs(2);
+
+/// `[pool.stats]` of a `dir` pool: the usage of a volume without project quota is a walk of
+/// its tree, which NodeGetVolumeStats bounds.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StatsConfig {
+    /// A figure younger than this is answered without walking (`"30s"` by default; `"0s"`:
+    /// always walk).
+    #[serde(default)]
+    pub min_age: Option<String>,
+    /// The most one call walks (`"2s"` by default, 10 ms to 1 min); a walk that needs more
+    /// stops there and continues at the next call, which answers the last complete figure
+    /// meanwhile.
+    #[serde(default)]
+    pub walk_budget: Option<String>,
+}
+
+impl StatsConfig {
+    /// The minimum age (0 to 1 hour).
+    pub fn min_age(&self) -> Result<Duration> {
+        let d = match &self.min_age {
+            None => return Ok(DEFAULT_STATS_MIN_AGE),
+            Some(s) => parse_duration(s)?,
+        };
+        if d > Duration::from_secs(3600) {
+            return Err(Error::invalid(format!(
+                "stats min_age {d:?} is more than an hour"
+            )));
+        }
+        Ok(d)
+    }
+
+    /// The walk budget (10 ms to 1 minute).
+    pub fn walk_budget(&self) -> Result<Duration> {
+        let d = match &self.walk_budget {
+            None => return Ok(DEFAULT_STATS_WALK_BUDGET),
+            Some(s) => parse_duration(s)?,
+        };
+        if d < Duration::from_millis(10) || d > Duration::from_secs(60) {
+            return Err(Error::invalid(format!(
+                "stats walk_budget {d:?} must be between 10ms and 60s"
+            )));
+        }
+        Ok(d)
+    }
+}
+
+/// A duration written as a whole number and a unit: `ms`, `s` or `m` (`"500ms"`, `"30s"`).
+pub fn parse_duration(text: &str) -> Result<Duration> {
+    let bad = || {
+        Error::invalid(format!(
+            "duration {text:?}: expected a whole number followed by ms, s or m"
+        ))
+    };
+    let split = text.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
+    let (digits, unit) = text.split_at(split);
+    let n: u64 = digits.parse().map_err(|_| bad())?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => n.checked_mul(60).map(Duration::from_secs).ok_or_else(bad),
+        _ => Err(bad()),
+    }
 }
 
 impl PoolConfig {
@@ -136,6 +210,7 @@ impl Config {
                 overcommit_ratio: None,
                 quotas: None,
                 overcommit: None,
+                stats: None,
             }],
             max_volumes_per_node: None,
         }
@@ -181,6 +256,18 @@ impl Config {
                         )));
                     }
                 }
+            }
+            if let Some(stats) = &pool.stats {
+                if pool.kind != PoolKind::Dir {
+                    return Err(Error::invalid(format!(
+                        "config: pool {:?}: stats applies to dir pools only",
+                        pool.name
+                    )));
+                }
+                stats
+                    .min_age()
+                    .and(stats.walk_budget())
+                    .map_err(|e| Error::invalid(format!("config: pool {:?}: {e}", pool.name)))?;
             }
             if let Some(ratio) = pool.overcommit_ratio {
                 if pool.kind != PoolKind::Image {
@@ -280,6 +367,34 @@ mod tests {
         ] {
             assert!(Config::from_toml(bad).is_err(), "accepted {bad:?}");
         }
+    }
+
+    #[test]
+    fn parses_stats_of_dir_pools() {
+        let cfg = Config::from_toml(
+            "[[pool]]\nname = \"d\"\nkind = \"dir\"\npath = \"/srv/d\"\n[pool.stats]\nmin_age = \"1m\"\nwalk_budget = \"500ms\"\n",
+        )
+        .unwrap();
+        let stats = cfg.pools[0].stats.clone().unwrap();
+        assert_eq!(stats.min_age().unwrap(), Duration::from_secs(60));
+        assert_eq!(stats.walk_budget().unwrap(), Duration::from_millis(500));
+        let defaults = StatsConfig::default();
+        assert_eq!(defaults.min_age().unwrap(), DEFAULT_STATS_MIN_AGE);
+        assert_eq!(defaults.walk_budget().unwrap(), DEFAULT_STATS_WALK_BUDGET);
+        for bad in [
+            "[[pool]]\nname = \"b\"\nkind = \"btrfs\"\npath = \"/srv\"\n[pool.stats]\nmin_age = \"1s\"\n",
+            "[[pool]]\nname = \"d\"\nkind = \"dir\"\npath = \"/srv\"\n[pool.stats]\nmin_age = \"2h\"\n",
+            "[[pool]]\nname = \"d\"\nkind = \"dir\"\npath = \"/srv\"\n[pool.stats]\nmin_age = \"61m\"\n",
+            "[[pool]]\nname = \"d\"\nkind = \"dir\"\npath = \"/srv\"\n[pool.stats]\nwalk_budget = \"1ms\"\n",
+            "[[pool]]\nname = \"d\"\nkind = \"dir\"\npath = \"/srv\"\n[pool.stats]\nwalk_budget = \"2\"\n",
+            "[[pool]]\nname = \"d\"\nkind = \"dir\"\npath = \"/srv\"\n[pool.stats]\nbudget = \"2s\"\n",
+        ] {
+            assert!(Config::from_toml(bad).is_err(), "accepted {bad:?}");
+        }
+        for bad in ["", "s", "-1s", "1.5s", "10 s", "3h"] {
+            assert!(parse_duration(bad).is_err(), "accepted {bad:?}");
+        }
+        assert_eq!(parse_duration("0s").unwrap(), Duration::ZERO);
     }
 
     #[test]

@@ -850,6 +850,7 @@ mod tests {
             overcommit_ratio: None,
             quotas: None,
             overcommit: None,
+            stats: None,
         };
         let pool = Pool::open(&cfg, kernel.clone()).unwrap();
         let identity = Identity {
@@ -963,6 +964,7 @@ mod tests {
             overcommit_ratio: None,
             quotas: None,
             overcommit: None,
+            stats: None,
         };
         let pool = Pool::open(&cfg, kernel.clone()).unwrap();
         let identity = Identity {
@@ -1020,6 +1022,7 @@ mod tests {
             overcommit_ratio: None,
             quotas: None,
             overcommit: None,
+            stats: None,
         };
         let pool = Pool::open(&cfg, kernel.clone()).unwrap();
         let identity = Identity {

@@ -823,12 +823,12 @@ impl Engine {
                 Err(e) => return Err(Error::internal("statvfs of volume_path", e)),
             }
         };
-        let usage = match pool.backend().usage(&vol, mounted.as_fd()) {
-            Ok(usage) => usage,
+        let stats = match pool.backend().stats(&vol, mounted.as_fd()) {
+            Ok(stats) => stats,
             Err(Error::Internal(m)) | Err(Error::NotFound(m)) => return Ok(abnormal(m)),
             Err(e) => return Err(e),
         };
-        let condition = if read_only && !record.read_only {
+        let mut condition = if read_only && !record.read_only {
             csi::VolumeCondition {
                 abnormal: true,
                 message: "the volume's filesystem is read-only".to_owned(),
@@ -840,9 +840,16 @@ impl Engine {
                 message: c.message,
             }
         };
+        // How current the figures are (an earlier walk's, and how old) is not a fault of
+        // the volume: the spec's `abnormal` is about the volume being usable, so a stale
+        // figure only adds to the message.
+        if let Some(note) = stats.note {
+            condition.message = format!("{}; {note}", condition.message);
+        }
         let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
-        Ok(csi::NodeGetVolumeStatsResponse {
-            usage: vec![
+        // No figure yet (a first walk still in progress): no usage rather than a partial one.
+        let usage = stats.usage.map_or_else(Vec::new, |usage| {
+            vec![
                 csi::VolumeUsage {
                     available: n(usage.bytes_available),
                     total: n(usage.bytes_total),
@@ -855,7 +862,10 @@ impl Engine {
                     used: n(usage.inodes_used),
                     unit: csi::volume_usage::Unit::Inodes as i32,
                 },
-            ],
+            ]
+        });
+        Ok(csi::NodeGetVolumeStatsResponse {
+            usage,
             volume_condition: Some(condition),
         })
     }

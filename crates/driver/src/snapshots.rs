@@ -443,6 +443,7 @@ mod tests {
             overcommit_ratio: None,
             quotas: None,
             overcommit: None,
+            stats: None,
         };
         let kernel = Arc::new(FakeKernel::new());
         let pool = Pool::open(&cfg, kernel.clone()).unwrap();

@@ -374,8 +374,10 @@ impl Suite {
             .prefix("stowage-hostile-pools-")
             .tempdir()
             .unwrap();
+        // `min_age = "0s"`: the stats cases race swaps against the walk, so every call must
+        // walk rather than answer the cached figure of an earlier call.
         let mut cfg = format!(
-            "[[pool]]\nname = \"default\"\nkind = \"dir\"\npath = \"{}\"\n",
+            "[[pool]]\nname = \"default\"\nkind = \"dir\"\npath = \"{}\"\n[pool.stats]\nmin_age = \"0s\"\n",
             root.path().join("dir").display()
         );
         let image = Path::new("/dev/loop-control").exists();

@@ -1194,3 +1194,58 @@ async fn listed(h: &Harness) -> Vec<csi::list_volumes_response::Entry> {
         .into_inner()
         .entries
 }
+
+#[tokio::test]
+async fn stats_of_an_advisory_volume_reuse_a_figure_younger_than_the_pools_min_age() {
+    if !root_or_skip("stats_of_an_advisory_volume_reuse_a_figure_younger_than_the_pools_min_age") {
+        return;
+    }
+    bounded(async {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("stowage.toml");
+        let pool = dir.path().join("pool-walked");
+        std::fs::write(
+            &cfg,
+            format!(
+                "[[pool]]\nname = \"walked\"\nkind = \"dir\"\npath = \"{}\"\n[pool.stats]\nmin_age = \"1m\"\nwalk_budget = \"1s\"\n",
+                pool.display()
+            ),
+        )
+        .unwrap();
+        let h = Harness::start(&["--config", cfg.to_str().unwrap()]).await;
+        let mut n = h.node().await;
+        let v = new_volume(&h, "walked").await;
+        stage_and_publish(&mut n, &v).await;
+        // This kernel may enforce project quotas on the pool's filesystem: then nothing is
+        // walked and there is nothing to cache.
+        let first = n
+            .node_get_volume_stats(stats_req(&v, &v.target))
+            .await
+            .unwrap()
+            .into_inner();
+        let cond = first.volume_condition.clone().unwrap();
+        if !cond.message.contains("advisory") {
+            println!("SKIPPED (the pool's filesystem enforces project quotas: no walk): stats_of_an_advisory_volume_reuse_a_figure_younger_than_the_pools_min_age");
+            return;
+        }
+        assert!(!cond.abnormal && cond.message.contains("walked just now"), "{cond:?}");
+        let used = usage(&first, csi::volume_usage::Unit::Bytes).used;
+        std::fs::write(v.target.join("big"), vec![7u8; 1 << 20]).unwrap();
+        for path in [&v.target, &v.staging] {
+            let again = n
+                .node_get_volume_stats(stats_req(&v, path))
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(usage(&again, csi::volume_usage::Unit::Bytes).used, used);
+            let cond = again.volume_condition.unwrap();
+            assert!(
+                !cond.abnormal && cond.message.contains("usage as of") && cond.message.contains("reused for 60.0 s"),
+                "{cond:?}"
+            );
+        }
+        n.node_unpublish_volume(unpublish_req(&v)).await.unwrap();
+        n.node_unstage_volume(unstage_req(&v)).await.unwrap();
+    })
+    .await
+}

@@ -8,6 +8,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
 
 use rustix::fs::{
     AtFlags, Dir, FileType, Mode, OFlags, ResolveFlags, StatVfsMountFlags, Statx, StatxAttributes,
@@ -578,45 +579,173 @@ pub fn check_writable(dir: BorrowedFd<'_>) -> SysResult<()> {
 /// sums allocated bytes and inodes (the directory itself included). A symlink counts as one
 /// inode of its own size, never its target's.
 pub fn tree_usage(dir: BorrowedFd<'_>) -> SysResult<TreeUsage> {
-    // A readable fd of our own for the root: `dir` may be an O_PATH fd.
-    let root_fd = rustix::fs::openat(dir, c".", DIR_FLAGS, Mode::empty())
-        .map_err(|e| at_error("openat", dir, b".", e))?;
-    let root_st = stat_fd(root_fd.as_fd()).map_err(|e| at_error("statx", dir, b"", e))?;
-    let mut usage = TreeUsage::default();
-    count(&mut usage, &root_st);
-    // Only inodes with more than one link can be met twice, so only those are remembered.
-    let mut seen_links: HashSet<InodeId> = HashSet::new();
-    let mut walk = Walk::from_root(dir, root_fd, &root_st)?;
-    loop {
-        let Some(entry) = walk.cur.pending.pop() else {
-            if walk.ascend()? {
+    match UsageWalk::default().run(dir, None)? {
+        WalkStep::Done(usage) => Ok(usage),
+        WalkStep::Stopped => unreachable!("a walk without a deadline runs to its end"),
+    }
+}
+
+/// How far one run of a [`UsageWalk`] went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WalkStep {
+    /// The walk reached its end: the figure of the whole tree.
+    Done(TreeUsage),
+    /// The deadline came first: the walk stopped where it was and the next run continues
+    /// from there. What it counted so far is not a figure of the tree and is not returned.
+    Stopped,
+}
+
+/// A [`tree_usage`] walk that can stop at a deadline and continue later, so that measuring
+/// a large tree costs a bounded time per call. Between runs it holds no fd: only the names
+/// and identities of the directories from the root to where it stopped, with the entries
+/// each still has to visit. The next run opens that chain again from the root (no link
+/// followed) and checks every directory is still the one it left; if one was moved or
+/// replaced meanwhile, the walk starts over. A tree that changes between runs is counted
+/// partly before and partly after the change, as it would be by one long walk.
+#[derive(Default)]
+pub struct UsageWalk {
+    usage: TreeUsage,
+    /// Only inodes with more than one link can be met twice, so only those are remembered.
+    seen_links: HashSet<InodeId>,
+    /// From the root to the directory the walk stopped in; empty when not started.
+    frames: Vec<Frame>,
+    /// Entries examined so far (statx calls), for progress reports.
+    entries: u64,
+}
+
+impl std::fmt::Debug for UsageWalk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UsageWalk")
+            .field("entries", &self.entries)
+            .field("depth", &self.frames.len())
+            .finish()
+    }
+}
+
+impl UsageWalk {
+    /// Entries examined so far by the walk in progress (0 when none is).
+    pub fn entries(&self) -> u64 {
+        self.entries
+    }
+
+    /// Whether a walk is in progress (stopped at a deadline, to be continued).
+    pub fn in_progress(&self) -> bool {
+        !self.frames.is_empty()
+    }
+
+    /// Walks the tree under `dir` (the same directory at every run) until its end or until
+    /// `deadline`, whichever comes first; continues a stopped walk. An error abandons the
+    /// walk in progress (the next run starts over).
+    pub fn run(&mut self, dir: BorrowedFd<'_>, deadline: Option<Instant>) -> SysResult<WalkStep> {
+        self.run_until(dir, || deadline.is_some_and(|d| Instant::now() >= d))
+    }
+
+    /// [`UsageWalk::run`] with the stop condition asked before each entry.
+    pub(crate) fn run_until(
+        &mut self,
+        dir: BorrowedFd<'_>,
+        stop: impl FnMut() -> bool,
+    ) -> SysResult<WalkStep> {
+        let step = self.run_inner(dir, stop);
+        if !matches!(step, Ok(WalkStep::Stopped)) {
+            *self = UsageWalk::default();
+        }
+        step
+    }
+
+    fn run_inner(
+        &mut self,
+        dir: BorrowedFd<'_>,
+        mut stop: impl FnMut() -> bool,
+    ) -> SysResult<WalkStep> {
+        // A readable fd of our own for the root: `dir` may be an O_PATH fd.
+        let root_fd = rustix::fs::openat(dir, c".", DIR_FLAGS, Mode::empty())
+            .map_err(|e| at_error("openat", dir, b".", e))?;
+        let root_st = stat_fd(root_fd.as_fd()).map_err(|e| at_error("statx", dir, b"", e))?;
+        let resumed = match std::mem::take(&mut self.frames) {
+            frames if frames.is_empty() => None,
+            frames => self.reopen(dir, root_fd.as_fd(), &root_st, frames)?,
+        };
+        let mut walk = match resumed {
+            Some(walk) => walk,
+            None => {
+                *self = UsageWalk::default();
+                count(&mut self.usage, &root_st);
+                Walk::from_root(dir, root_fd, &root_st)?
+            }
+        };
+        loop {
+            if stop() {
+                self.frames = walk.into_frames();
+                return Ok(WalkStep::Stopped);
+            }
+            let Some(entry) = walk.cur.pending.pop() else {
+                if walk.ascend()? {
+                    continue;
+                }
+                return Ok(WalkStep::Done(self.usage));
+            };
+            self.entries += 1;
+            let parent = walk.cur_fd.as_fd();
+            let st = match stat_at(parent, &entry.name) {
+                Ok(st) => st,
+                // Deleted while we walked: it no longer uses anything.
+                Err(Errno::NOENT) => continue,
+                Err(e) => return Err(at_error("statx", parent, entry.name.to_bytes(), e)),
+            };
+            if file_type(&st) != FileType::Directory {
+                if st.stx_nlink <= 1 || self.seen_links.insert(inode_id(&st)) {
+                    count(&mut self.usage, &st);
+                }
                 continue;
             }
-            return Ok(usage);
-        };
-        let parent = walk.cur_fd.as_fd();
-        let st = match stat_at(parent, &entry.name) {
-            Ok(st) => st,
-            // Deleted while we walked: it no longer uses anything.
-            Err(Errno::NOENT) => continue,
-            Err(e) => return Err(at_error("statx", parent, entry.name.to_bytes(), e)),
-        };
-        if file_type(&st) != FileType::Directory {
-            if st.stx_nlink <= 1 || seen_links.insert(inode_id(&st)) {
-                count(&mut usage, &st);
+            if crosses_mount(walk.cur.at, &st) {
+                continue;
             }
-            continue;
+            // Gone, swapped or a mount since the statx: not the directory we meant to count,
+            // and possibly not ours at all.
+            let Some((fd, opened)) = walk.open_as_seen(&entry.name, &st, DIR_FLAGS)? else {
+                continue;
+            };
+            count(&mut self.usage, &opened);
+            walk.enter(fd, &opened, entry.name)?;
         }
-        if crosses_mount(walk.cur.at, &st) {
-            continue;
-        }
-        // Gone, swapped or a mount since the statx: not the directory we meant to count,
-        // and possibly not ours at all.
-        let Some((fd, opened)) = walk.open_as_seen(&entry.name, &st, DIR_FLAGS)? else {
-            continue;
+    }
+
+    /// Opens again the chain of directories a stopped walk was in, from the root down, each
+    /// by its name in the one before, checking each is the directory the walk left there.
+    /// None when one is gone or is not that directory any more: the walk starts over.
+    fn reopen<'a>(
+        &self,
+        base: BorrowedFd<'a>,
+        root: BorrowedFd<'_>,
+        root_st: &Statx,
+        frames: Vec<Frame>,
+    ) -> SysResult<Option<Walk<'a>>> {
+        let mut frames = frames.into_iter();
+        let Some(top) = frames.next() else {
+            return Ok(None);
         };
-        count(&mut usage, &opened);
-        walk.enter(fd, &opened, entry.name)?;
+        if top.at != dir_id(root_st) {
+            return Ok(None);
+        }
+        let fd = rustix::fs::openat(root, c".", DIR_FLAGS, Mode::empty())
+            .map_err(|e| at_error("openat", root, b".", e))?;
+        let mut walk = Walk::new(base, fd, top);
+        for frame in frames {
+            let parent = walk.cur_fd.as_fd();
+            let fd = match rustix::fs::openat(parent, &frame.name, DIR_FLAGS, Mode::empty()) {
+                Ok(fd) => fd,
+                Err(Errno::NOENT | Errno::NOTDIR | Errno::LOOP) => return Ok(None),
+                Err(e) => return Err(at_error("openat", parent, frame.name.to_bytes(), e)),
+            };
+            let st = stat_fd(fd.as_fd()).map_err(|e| at_error("statx", fd.as_fd(), b"", e))?;
+            if dir_id(&st) != frame.at {
+                return Ok(None);
+            }
+            walk.descend(fd, frame);
+        }
+        Ok(Some(walk))
     }
 }
 
@@ -984,6 +1113,13 @@ impl<'a> Walk<'a> {
         }
     }
 
+    /// The frames from the top to `cur`, their fds closed: what a stopped walk keeps.
+    fn into_frames(self) -> Vec<Frame> {
+        let mut frames: Vec<Frame> = self.ancestors.into_iter().map(|(_, f)| f).collect();
+        frames.push(self.cur);
+        frames
+    }
+
     /// Makes the parent of `cur` current again; false when `cur` is the top.
     fn ascend(&mut self) -> SysResult<bool> {
         let Some((fd, frame)) = self.ancestors.pop() else {
@@ -1116,6 +1252,79 @@ mod tests {
         assert_eq!(usage.inodes, 22);
         remove_tree_at(fd.as_fd(), "deep").expect("remove");
         assert!(!dir.path().join("deep").exists());
+    }
+
+    /// A tree deeper than MAX_HELD_FDS with files at every level and a hard link.
+    fn usage_tree(root: &Path) {
+        let mut path = root.to_path_buf();
+        for i in 0..8 {
+            path.push(format!("d{i}"));
+            std::fs::create_dir(&path).expect("mkdir");
+            for j in 0..5 {
+                std::fs::write(path.join(format!("f{j}")), vec![1u8; 4096 * (j + 1)])
+                    .expect("write");
+            }
+        }
+        std::fs::hard_link(path.join("f0"), root.join("d0/link")).expect("link");
+    }
+
+    #[test]
+    fn a_walk_stopped_any_number_of_times_finds_what_one_walk_finds() {
+        let (dir, fd) = tmp();
+        usage_tree(dir.path());
+        let whole = tree_usage(fd.as_fd()).expect("usage");
+        assert_eq!(whole.inodes, 1 + 8 * 6);
+        for every in [1u64, 2, 3, 7, 30] {
+            let mut walk = UsageWalk::default();
+            let mut runs = 0;
+            let got = loop {
+                runs += 1;
+                // `every` entries per run, then stop.
+                let mut done = 0;
+                let step = walk
+                    .run_until(fd.as_fd(), || {
+                        done += 1;
+                        done > every
+                    })
+                    .expect("run");
+                match step {
+                    WalkStep::Done(u) => break u,
+                    WalkStep::Stopped => assert!(walk.in_progress()),
+                }
+                assert!(runs < 1000, "no progress with a stop every {every} entries");
+            };
+            assert_eq!(got, whole, "stopping every {every} entries");
+            assert!(runs > 1, "never stopped at {every}");
+            assert!(!walk.in_progress() && walk.entries() == 0);
+        }
+    }
+
+    #[test]
+    fn a_stopped_walk_whose_directory_was_replaced_starts_over() {
+        let (dir, fd) = tmp();
+        usage_tree(dir.path());
+        let mut walk = UsageWalk::default();
+        // Stop deep inside the chain, then replace a directory of the chain.
+        let mut n = 0;
+        let step = walk
+            .run_until(fd.as_fd(), || {
+                n += 1;
+                n > 20
+            })
+            .expect("run");
+        assert_eq!(step, WalkStep::Stopped);
+        assert!(walk.frames.len() > 2, "{walk:?}");
+        std::fs::rename(dir.path().join("d0/d1"), dir.path().join("moved")).expect("rename");
+        std::fs::create_dir(dir.path().join("d0/d1")).expect("mkdir");
+        let step = walk.run(fd.as_fd(), None).expect("run");
+        // Started over: the whole tree as it is now, counted once.
+        assert_eq!(step, WalkStep::Done(tree_usage(fd.as_fd()).expect("usage")));
+        // A deadline already past stops at once, with nothing reported.
+        let mut walk = UsageWalk::default();
+        let past = Some(Instant::now());
+        assert_eq!(walk.run(fd.as_fd(), past).expect("run"), WalkStep::Stopped);
+        assert_eq!(walk.run(fd.as_fd(), past).expect("run"), WalkStep::Stopped);
+        assert_eq!(walk.entries(), 0);
     }
 
     #[test]

@@ -11,7 +11,12 @@
 //!               [--concurrency 16] [--size 1Mi] [--param k=v]... [--pid DRIVER_PID]
 //!               [--output table|json] [--keep]
 //! stowage bench floor [--count N] [--dir DIR] [--output table|json]
+//! stowage bench soak --pool NAME=SIZE... --target-dir DIR [--clients 8] [--names 3]
+//!               [--duration 60s] [--ops N] [--pid DRIVER_PID] [--sample-every 5s]
+//!               [--fd-slack 8] [--rss-slack 64Mi] [--output table|json]
 //! ```
+//!
+//! `soak` is described in its module.
 //!
 //! `scale` is described in its module; the rest of this text is about the plain bench.
 //!
@@ -58,6 +63,7 @@ mod progress;
 mod registry;
 mod rss;
 mod scale;
+mod soak;
 mod stats;
 
 use std::io::{IsTerminal, Write};
@@ -68,6 +74,7 @@ use std::time::Duration;
 use clap::{Args, Subcommand, ValueEnum};
 
 pub use cancel::CancelToken;
+pub use soak::SoakArgs;
 
 use crate::args::{parse_kv, AccessModeArg, OutputFormat};
 use crate::exit;
@@ -163,6 +170,11 @@ pub enum BenchCommand {
     /// sequential CreateVolume latency and the time to list all volumes, plus the driver's
     /// RSS. Everything created is deleted at the end (unless --keep), also after Ctrl-C.
     Scale(ScaleArgs),
+    /// Many clients running mixed create / stage / publish / write / snapshot / restore /
+    /// expand / unpublish / delete on shared names of the given pools for a while: every
+    /// answer checked against the spec, the end state against what succeeded, the driver's
+    /// RSS, open fds and loop devices sampled (see `bench::soak`).
+    Soak(SoakArgs),
 }
 
 /// Arguments of `stowage bench scale`.
@@ -371,6 +383,10 @@ pub async fn execute(
     let scale_args = match &args.command {
         Some(BenchCommand::Floor(floor_args)) => return floor::run(floor_args, out, err).await,
         Some(BenchCommand::Scale(scale_args)) => Some(scale_args),
+        Some(BenchCommand::Soak(soak_args)) => {
+            let endpoint = soak_args.endpoint.as_deref().unwrap_or(&args.endpoint);
+            return soak::run(soak_args, endpoint, &options.cancel, out, err).await;
+        }
         None => None,
     };
     let secrets_file = match scale_args {

@@ -1005,6 +1005,7 @@ mod tests {
             quotas,
             overcommit,
             overcommit_ratio: None,
+            stats: None,
         }
     }
 

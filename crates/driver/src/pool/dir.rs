@@ -13,12 +13,16 @@ use stowage_sys::fs as sysfs;
 use stowage_sys::{Errno, Kernel, QuotaSupport};
 
 use super::{
-    sys_error as sys, Condition, Mark, PoolBackend, PoolCapacity, StageRequest, VolumeUsage,
+    sys_error as sys, Condition, Mark, PoolBackend, PoolCapacity, StageRequest, VolumeStats,
+    VolumeUsage,
 };
 use crate::durable::GroupSync;
 use crate::store::VolumeRecord;
 
 mod snapshots;
+pub mod usage;
+
+use usage::{Freshness, Measured, UsageCache};
 
 /// The backend of a `dir` pool.
 #[derive(Debug)]
@@ -38,12 +42,20 @@ pub struct DirBackend {
     healthy: String,
     /// Group commit of `volumes`: concurrent creates and deletes share one directory fsync.
     synced: GroupSync,
+    /// Usage figures of advisory volumes (a walk each), for NodeGetVolumeStats.
+    usage: UsageCache,
 }
 
 impl DirBackend {
     /// Opens (creating if needed) the pool's volume directory and detects whether its
     /// filesystem enforces project quotas.
     pub fn open(cfg: &PoolConfig, kernel: Arc<dyn Kernel>) -> Result<Self> {
+        let stats = cfg.stats.clone().unwrap_or_default();
+        let usage = UsageCache::new(
+            stats.min_age()?,
+            stats.walk_budget()?,
+            usage::DEFAULT_CAPACITY,
+        );
         let (volumes, fs_type) = super::open_pool_dir(cfg, "volumes")?;
         let (snapshots, _) = super::open_pool_dir(cfg, "snapshots")?;
         let quota = kernel.quota_support(volumes.as_fd());
@@ -73,6 +85,7 @@ impl DirBackend {
             kernel,
             healthy,
             synced: GroupSync::default(),
+            usage,
         })
     }
 
@@ -84,6 +97,51 @@ impl DirBackend {
             sysfs::sync_dir(self.volumes.as_fd())
                 .map_err(sys(format!("syncing pool {:?}", self.name)))
         })
+    }
+
+    /// The usage cache of the pool's advisory volumes (its counters, for tests and
+    /// benchmarks).
+    pub fn usage_cache(&self) -> &UsageCache {
+        &self.usage
+    }
+
+    /// The figures of a volume from its bytes and inodes used.
+    fn figures(
+        &self,
+        vol: &VolumeRecord,
+        dir: BorrowedFd<'_>,
+        bytes_used: u64,
+        inodes_used: u64,
+        inodes_limit: u64,
+    ) -> Result<VolumeUsage> {
+        let space = sysfs::fs_space(dir).map_err(sys("statvfs of volume"))?;
+        let bytes_total = vol.capacity;
+        // The volume can never hold more than its filesystem has free.
+        let bytes_available = bytes_total
+            .saturating_sub(bytes_used)
+            .min(space.bytes_available);
+        let (inodes_total, inodes_available) = if inodes_limit > 0 {
+            (inodes_limit, inodes_limit.saturating_sub(inodes_used))
+        } else {
+            (inodes_used + space.inodes_free, space.inodes_free)
+        };
+        Ok(VolumeUsage {
+            bytes_total,
+            bytes_used,
+            bytes_available,
+            inodes_total,
+            inodes_used,
+            inodes_available,
+        })
+    }
+
+    /// Usage from the project quota's counters.
+    fn quota_usage(&self, vol: &VolumeRecord, dir: BorrowedFd<'_>) -> Result<VolumeUsage> {
+        let q = self
+            .kernel
+            .project_usage(self.volumes.as_fd(), vol.project_id())
+            .map_err(sys(format!("quota usage of volume {}", vol.id)))?;
+        self.figures(vol, dir, q.bytes_used, q.inodes_used, q.inodes_limit)
     }
 
     /// Whether volumes of this pool are hard-limited.
@@ -212,6 +270,7 @@ impl PoolBackend for DirBackend {
                 .set_project_limit(self.volumes.as_fd(), project, 0)
                 .map_err(sys(format!("lifting quota of project {project}")))?;
         }
+        self.usage.forget(&vol.id);
         crate::phases::mark("rmtree+quota");
         self.sync_volumes()?;
         crate::phases::mark("dir-fsync");
@@ -303,44 +362,95 @@ impl PoolBackend for DirBackend {
         super::bind_directory(&*self.kernel, dir.as_fd(), target, how, &vol.id)
     }
 
-    /// The quota's counters where quotas are enforced, otherwise a walk of the volume's
-    /// directory (no links followed, no mounts crossed) against its recorded size. Measured
-    /// from the pool's own fd of the directory, not through `mounted`.
+    /// The quota's counters where quotas are enforced, otherwise a whole walk of the volume's
+    /// directory (no links followed, no mounts crossed) against its recorded size, measured
+    /// now. Measured from the pool's own fd of the directory, not through `mounted`.
+    /// NodeGetVolumeStats asks [`PoolBackend::stats`], which bounds the walk.
     fn usage(&self, vol: &VolumeRecord, _mounted: BorrowedFd<'_>) -> Result<VolumeUsage> {
         let dir = self.open_volume(&vol.id)?;
-        let space = sysfs::fs_space(dir.as_fd()).map_err(sys("statvfs of volume"))?;
-        let (bytes_used, inodes_used, inodes_limit) = match self.quota {
-            QuotaSupport::Enforced => {
-                let q = self
-                    .kernel
-                    .project_usage(self.volumes.as_fd(), vol.project_id())
-                    .map_err(sys(format!("quota usage of volume {}", vol.id)))?;
-                (q.bytes_used, q.inodes_used, q.inodes_limit)
-            }
+        match self.quota {
+            QuotaSupport::Enforced => self.quota_usage(vol, dir.as_fd()),
             QuotaSupport::Unavailable(_) => {
                 let t = sysfs::tree_usage(dir.as_fd())
                     .map_err(sys(format!("measuring volume {}", vol.id)))?;
-                (t.bytes, t.inodes, 0)
+                self.figures(vol, dir.as_fd(), t.bytes, t.inodes, 0)
             }
+        }
+    }
+
+    /// Where quotas are enforced, their counters (cheap, always current). Otherwise the
+    /// volume's walk through the pool's usage cache: a figure younger than the pool's
+    /// `min_age` as it is, else at most `walk_budget` of walking; a walk that needs more
+    /// continues at the next call, which answers the last complete figure meanwhile, with
+    /// its age in the note (the volume itself is not abnormal for that).
+    fn stats(&self, vol: &VolumeRecord, _mounted: BorrowedFd<'_>) -> Result<VolumeStats> {
+        let dir = self.open_volume(&vol.id)?;
+        if self.quota == QuotaSupport::Enforced {
+            return Ok(VolumeStats {
+                usage: Some(self.quota_usage(vol, dir.as_fd())?),
+                note: None,
+            });
+        }
+        let measured = self
+            .usage
+            .measure(&vol.id, |walk, deadline| {
+                walk.run(dir.as_fd(), Some(deadline))
+            })
+            .map_err(sys(format!("measuring volume {}", vol.id)))?;
+        let note = self.note(vol, &measured);
+        let usage = match measured.figure {
+            Some(f) => Some(self.figures(vol, dir.as_fd(), f.usage.bytes, f.usage.inodes, 0)?),
+            None => None,
         };
-        let bytes_total = vol.capacity;
-        // The volume can never hold more than its filesystem has free.
-        let bytes_available = bytes_total
-            .saturating_sub(bytes_used)
-            .min(space.bytes_available);
-        let (inodes_total, inodes_available) = if inodes_limit > 0 {
-            (inodes_limit, inodes_limit.saturating_sub(inodes_used))
-        } else {
-            (inodes_used + space.inodes_free, space.inodes_free)
-        };
-        Ok(VolumeUsage {
-            bytes_total,
-            bytes_used,
-            bytes_available,
-            inodes_total,
-            inodes_used,
-            inodes_available,
+        Ok(VolumeStats {
+            usage,
+            note: Some(note),
         })
+    }
+}
+
+impl DirBackend {
+    /// What the condition says of a walked figure: its age and, when it is stale, why.
+    fn note(&self, vol: &VolumeRecord, m: &Measured) -> String {
+        let secs = |d: std::time::Duration| format!("{:.1} s", d.as_secs_f64());
+        let budget = secs(self.usage.budget());
+        let age = m.age(std::time::Instant::now()).unwrap_or_default();
+        match (m.freshness, m.figure) {
+            (Freshness::Walked, Some(f)) => {
+                if f.slices > 1 {
+                    tracing::info!(
+                        volume = %vol.id, inodes = f.usage.inodes, calls = f.slices,
+                        walking_s = f.walking.as_secs_f64(), took_s = f.took.as_secs_f64(),
+                        "usage walk finished over several calls"
+                    );
+                }
+                format!(
+                    "usage walked just now ({} inodes, {} of walking over {} call(s))",
+                    f.usage.inodes,
+                    secs(f.walking),
+                    f.slices
+                )
+            }
+            (Freshness::Cached, Some(_)) => format!(
+                "usage as of {} ago (reused for {})",
+                secs(age),
+                secs(self.usage.min_age())
+            ),
+            (Freshness::Stale { entries }, Some(_)) => {
+                tracing::debug!(volume = %vol.id, entries, age_s = age.as_secs_f64(), "usage walk stopped at its budget");
+                format!(
+                    "usage as of {} ago, stale: the walk refreshing it stopped at its {budget} budget after {entries} entries and continues at the next call",
+                    secs(age)
+                )
+            }
+            (_, None) => format!(
+                "usage not known yet: the first walk of the volume stopped at its {budget} budget after {} entries and continues at the next call",
+                match m.freshness {
+                    Freshness::Stale { entries } => entries,
+                    _ => 0,
+                }
+            ),
+        }
     }
 }
 
@@ -349,6 +459,8 @@ mod tests {
     use super::*;
     use crate::pool::Pool;
     use crate::store::VolumeState;
+    use std::sync::atomic::Ordering;
+    use std::time::Duration;
     use stowage_core::config::PoolKind;
     use stowage_core::request::Access;
     use stowage_core::VolumeId;
@@ -363,6 +475,7 @@ mod tests {
             overcommit_ratio: None,
             quotas: None,
             overcommit: None,
+            stats: None,
         }
     }
 
@@ -514,6 +627,122 @@ mod tests {
         let u = pool.usage(&vol, fd.as_fd()).unwrap();
         assert!(u.bytes_used >= 64 << 10 && u.inodes_used >= 2, "{u:?}");
         pool.delete(&vol).unwrap();
+        pool.delete(&vol).unwrap();
+    }
+
+    fn advisory(dir: &Path, min_age: Duration, budget: Duration) -> DirBackend {
+        let kernel = Arc::new(FakeKernel::new());
+        kernel.set_quota_support(QuotaSupport::Unavailable("no CONFIG_QFMT_V2".into()));
+        let mut pool = pool_with(kernel, dir);
+        pool.usage = UsageCache::new(min_age, budget, 16);
+        pool
+    }
+
+    fn walks(pool: &DirBackend) -> (u64, u64) {
+        let c = &pool.usage_cache().counters;
+        (
+            c.walks_started.load(Ordering::Relaxed),
+            c.hits.load(Ordering::Relaxed),
+        )
+    }
+
+    #[test]
+    fn advisory_stats_reuse_a_young_figure_and_walk_again_after_the_min_age() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = advisory(
+            dir.path(),
+            Duration::from_millis(400),
+            Duration::from_secs(5),
+        );
+        let vol = record(9, 1 << 30);
+        pool.create(&vol).unwrap();
+        let root = dir.path().join("pool/volumes").join(vol.id.as_str());
+        std::fs::write(root.join("a"), vec![1u8; 64 << 10]).unwrap();
+        let fd = pool.open_volume(&vol.id).unwrap();
+
+        let first = pool.stats(&vol, fd.as_fd()).unwrap();
+        let used = first.usage.unwrap().bytes_used;
+        assert!(used >= 64 << 10, "{first:?}");
+        assert!(first.note.unwrap().contains("walked just now"));
+        assert_eq!(walks(&pool), (1, 0));
+
+        // Within the minimum age: the same figure, no walk, its age said.
+        std::fs::write(root.join("b"), vec![1u8; 1 << 20]).unwrap();
+        let cached = pool.stats(&vol, fd.as_fd()).unwrap();
+        // The walked figures are the cached ones; what statvfs says (free space and inodes of
+        // the pool's filesystem) is read at every call.
+        let (c, f) = (cached.usage.unwrap(), first.usage.unwrap());
+        assert_eq!((c.bytes_used, c.inodes_used), (f.bytes_used, f.inodes_used));
+        assert!(cached.note.unwrap().contains("usage as of"));
+        assert_eq!(walks(&pool), (1, 1));
+
+        // After it: walked again, the new file counted.
+        std::thread::sleep(Duration::from_millis(450));
+        let later = pool.stats(&vol, fd.as_fd()).unwrap();
+        assert!(
+            later.usage.unwrap().bytes_used >= used + (1 << 20),
+            "{later:?}"
+        );
+        assert_eq!(walks(&pool), (2, 1));
+
+        // Deleting the volume drops its entry.
+        assert_eq!(pool.usage_cache().len(), 1);
+        pool.delete(&vol).unwrap();
+        assert_eq!(pool.usage_cache().len(), 0);
+    }
+
+    #[test]
+    fn advisory_stats_never_answer_a_walk_cut_by_its_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        // No budget at all: every walk stops at once, nothing of it is ever answered.
+        let pool = advisory(dir.path(), Duration::ZERO, Duration::ZERO);
+        let vol = record(10, 1 << 30);
+        pool.create(&vol).unwrap();
+        let root = dir.path().join("pool/volumes").join(vol.id.as_str());
+        for i in 0..50 {
+            std::fs::write(root.join(format!("f{i}")), b"x").unwrap();
+        }
+        let fd = pool.open_volume(&vol.id).unwrap();
+        for _ in 0..3 {
+            let s = pool.stats(&vol, fd.as_fd()).unwrap();
+            assert_eq!(s.usage, None, "{s:?}");
+            assert!(s.note.unwrap().contains("not known yet"));
+        }
+        let c = &pool.usage_cache().counters;
+        // One walk, continued by each call, never finished.
+        assert_eq!(c.walks_started.load(Ordering::Relaxed), 1);
+        assert_eq!(c.slices.load(Ordering::Relaxed), 3);
+        assert_eq!(c.walks_done.load(Ordering::Relaxed), 0);
+        // The whole measurement (usage) still walks it all.
+        assert!(pool.usage(&vol, fd.as_fd()).unwrap().inodes_used >= 51);
+        pool.delete(&vol).unwrap();
+    }
+
+    #[test]
+    fn enforced_stats_read_the_quota_and_never_walk() {
+        let dir = tempfile::tempdir().unwrap();
+        let kernel = Arc::new(FakeKernel::new());
+        kernel.set_quota_support(QuotaSupport::Enforced);
+        let pool = pool_with(Arc::clone(&kernel), dir.path());
+        let vol = record(11, 5 << 20);
+        pool.create(&vol).unwrap();
+        kernel.set_usage(
+            vol.project_id(),
+            QuotaUsage {
+                bytes_used: 1 << 20,
+                bytes_limit: 5 << 20,
+                inodes_used: 3,
+                inodes_limit: 0,
+            },
+        );
+        let fd = pool.open_volume(&vol.id).unwrap();
+        let s = pool.stats(&vol, fd.as_fd()).unwrap();
+        assert_eq!(s.usage.unwrap().bytes_used, 1 << 20);
+        assert_eq!(s.note, None);
+        assert_eq!(
+            pool.usage_cache().counters.slices.load(Ordering::Relaxed),
+            0
+        );
         pool.delete(&vol).unwrap();
     }
 

@@ -691,6 +691,7 @@ mod tests {
             overcommit_ratio: None,
             quotas: None,
             overcommit: None,
+            stats: None,
         };
         ImageBackend::open(&cfg, Arc::clone(kernel) as Arc<dyn Kernel>).unwrap()
     }

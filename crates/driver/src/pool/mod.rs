@@ -49,6 +49,16 @@ pub struct VolumeUsage {
     pub inodes_available: u64,
 }
 
+/// NodeGetVolumeStats' figures for a volume and what to say about how current they are.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct VolumeStats {
+    /// None when nothing is known yet (a first measurement still in progress).
+    pub usage: Option<VolumeUsage>,
+    /// Appended to the volume condition's message: the age of a figure that was not
+    /// measured by this call, and why.
+    pub note: Option<String>,
+}
+
 /// What a pool can still give to volumes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PoolCapacity {
@@ -321,6 +331,15 @@ pub trait PoolBackend: SnapshotBackend + Send + Sync + Debug {
     /// limit counts them. `mounted` is the root of a mount of the volume (the path the CO
     /// asked about), for kinds that can only measure through a mounted filesystem.
     fn usage(&self, vol: &VolumeRecord, mounted: BorrowedFd<'_>) -> Result<VolumeUsage>;
+
+    /// What NodeGetVolumeStats answers: [`PoolBackend::usage`] measured now by default; a
+    /// kind whose measurement is expensive may answer an earlier figure, saying how old.
+    fn stats(&self, vol: &VolumeRecord, mounted: BorrowedFd<'_>) -> Result<VolumeStats> {
+        Ok(VolumeStats {
+            usage: Some(self.usage(vol, mounted)?),
+            note: None,
+        })
+    }
 }
 
 /// One pool of this node.
