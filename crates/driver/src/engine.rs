@@ -1106,5 +1106,17 @@ mod tests {
             .node_stage(NodeStage::try_from(&req2).unwrap())
             .unwrap_err();
         assert_eq!(err.code(), tonic::Code::Internal);
+        // The failed stage made the directory and left its record unfinished: the volume is
+        // not staged there, and NodeGetVolumeStats says so instead of reporting on it.
+        let stats = csi::NodeGetVolumeStatsRequest {
+            volume_id: v.volume_id.clone(),
+            volume_path: other.display().to_string(),
+            staging_target_path: String::new(),
+        };
+        let err = e
+            .node_stats(stowage_core::request::NodeStats::try_from(&stats).unwrap())
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::NotFound, "{err}");
+        assert!(err.to_string().contains("has not finished"), "{err}");
     }
 }

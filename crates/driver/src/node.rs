@@ -783,6 +783,19 @@ impl Engine {
                     vol.id
                 ))
             })?;
+        // A stage or publish that failed half way (or is being undone) did not make the
+        // volume available at the path, whatever it left there.
+        if record.state != PublicationState::Mounted {
+            return Err(Error::NotFound(format!(
+                "volume {} is not staged or published at volume_path {:?}: its {} there has not finished",
+                vol.id,
+                path.as_str(),
+                match record.kind {
+                    PublicationKind::Stage => "NodeStageVolume",
+                    PublicationKind::Publish => "NodePublishVolume",
+                }
+            )));
+        }
         let abnormal = |message: String| csi::NodeGetVolumeStatsResponse {
             usage: vec![],
             volume_condition: Some(csi::VolumeCondition {

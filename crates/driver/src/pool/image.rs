@@ -530,13 +530,19 @@ impl PoolBackend for ImageBackend {
                 .device_size(&dev)
                 .is_ok_and(|size| size >= BTRFS_MIN_RESIZE);
         if vol.source.is_some() && resizable {
-            self.kernel
-                .grow_fs(&dev, kind, how.mount_point)
-                .map_err(Self::tool_error(format!(
+            if let Err(e) = self.kernel.grow_fs(&dev, kind, how.mount_point) {
+                // A stage that fails leaves nothing mounted, as a failed attach or mount does:
+                // the staging path must not look staged to NodeGetVolumeStats or a publish,
+                // and the retried call starts again from the attach.
+                if let Err(u) = self.kernel.unmount(how.mount_point) {
+                    tracing::warn!(volume = %vol.id, error = %u, "could not undo the staging mount after a failed grow; the retried stage finds it");
+                }
+                return Err(Self::tool_error(format!(
                     "growing the restored {kind} of volume {} to its device {}",
                     vol.id,
                     dev.path.display()
-                )))?;
+                ))(e));
+            }
         }
         // The mount holds the device from here on; closing our handle lets autoclear free it
         // at the last unmount.
@@ -676,7 +682,7 @@ mod tests {
     use super::*;
     use crate::store::VolumeState;
     use stowage_core::config::PoolKind;
-    use stowage_core::request::MountOptions;
+    use stowage_core::request::{ContentSource, MountOptions};
     use stowage_core::VolumeId;
     use stowage_sys::{FakeKernel, KernelCall, MountAttrs};
 
@@ -913,6 +919,28 @@ mod tests {
         assert_eq!(made_fs(&kernel), 1);
         assert_eq!(kernel.loops().len(), 1, "attached twice");
         assert_eq!(kernel.mounted().len(), 1);
+    }
+
+    #[test]
+    fn a_failed_grow_of_a_restored_filesystem_leaves_nothing_mounted() {
+        let dir = tempfile::tempdir().unwrap();
+        let kernel = Arc::new(FakeKernel::new());
+        let pool = backend(&kernel, dir.path());
+        let mut vol = record(16 * MIB);
+        vol.source = Some(ContentSource::Volume(
+            stowage_core::ids::VolumeRef::from_request("stw-source").unwrap(),
+        ));
+        pool.create(&vol).unwrap();
+
+        kernel.fail_next("grow_fs", Errno::IO, 1);
+        match stage(&pool, &vol, &mount("ext4"), dir.path()) {
+            Err(Error::Internal(m)) => assert!(m.contains("growing the restored"), "{m}"),
+            other => panic!("expected INTERNAL, got {other:?}"),
+        }
+        assert!(kernel.mounted().is_empty(), "the failed stage left a mount");
+        stage(&pool, &vol, &mount("ext4"), dir.path()).unwrap();
+        assert_eq!(kernel.mounted().len(), 1);
+        assert_eq!(made_fs(&kernel), 1, "the retry formatted again");
     }
 
     #[test]
