@@ -247,6 +247,21 @@ fn delete_req(id: &str) -> csi::DeleteVolumeRequest {
     }
 }
 
+/// DeleteVolume of `id` aborted at `point`, then retried on the restarted driver: the retry
+/// must succeed.
+async fn crash_delete_then_retry(h: &mut Harness, id: &str, point: &str) {
+    let i = id.to_owned();
+    crash_during(h, point, |ch| async move {
+        let mut c = csi::controller_client::ControllerClient::new(ch);
+        code(c.delete_volume(delete_req(&i)).await)
+    })
+    .await;
+    let mut c = h.controller().await;
+    c.delete_volume(delete_req(id))
+        .await
+        .unwrap_or_else(|e| panic!("{point}: the retried delete: {e:?}"));
+}
+
 fn fs_cap(fs: &str) -> csi::VolumeCapability {
     let mut cap = mount_cap(Mode::SingleNodeWriter);
     if let Some(csi::volume_capability::AccessType::Mount(m)) = &mut cap.access_type {
@@ -276,19 +291,6 @@ fn node_expand_req(id: &str, path: &Path, bytes: i64) -> csi::NodeExpandVolumeRe
         }),
         ..Default::default()
     }
-}
-
-fn have_mkfs(fs: &str, test: &str) -> bool {
-    let tool = format!("mkfs.{fs}");
-    let found = std::env::var_os("PATH").is_some_and(|paths| {
-        std::env::split_paths(&paths)
-            .chain(["/usr/sbin".into(), "/sbin".into()])
-            .any(|d| d.join(&tool).exists())
-    });
-    if !found {
-        loud!("SKIPPED (no {tool}): {test}");
-    }
-    found
 }
 
 /// Total bytes of the filesystem mounted at `path`.
@@ -479,16 +481,7 @@ async fn image_attach_format_mount_grow_detach_survive_a_crash_at_every_step() {
             .iter()
             .zip(["delete-after-intent", "delete-after-backend"])
         {
-            let i = id.clone();
-            crash_during(p.hm(), point, |ch| async move {
-                let mut c = csi::controller_client::ControllerClient::new(ch);
-                code(c.delete_volume(delete_req(&i)).await)
-            })
-            .await;
-            let mut c = p.h().controller().await;
-            c.delete_volume(delete_req(id))
-                .await
-                .unwrap_or_else(|e| panic!("{point}: the retried delete: {e:?}"));
+            crash_delete_then_retry(p.hm(), id, point).await;
             assert!(
                 !p.volumes_dir().join(format!("{id}.img")).exists(),
                 "{point}: the image is left"
@@ -679,18 +672,10 @@ async fn btrfs_subvolume_and_qgroup_steps_survive_a_crash_at_every_step() {
         ];
         for (id, point) in ids.iter().zip(deletes) {
             let (_, sid) = limit_of(&p, id);
-            let i = id.clone();
-            crash_during(p.hm(), point, |ch| async move {
-                let mut c = csi::controller_client::ControllerClient::new(ch);
-                code(c.delete_volume(delete_req(&i)).await)
-            })
-            .await;
-            let mut c = p.h().controller().await;
-            c.delete_volume(delete_req(id))
-                .await
-                .unwrap_or_else(|e| panic!("{point}: the retried delete: {e:?}"));
+            crash_delete_then_retry(p.hm(), id, point).await;
             assert!(!p.volumes_dir().join(id).exists(), "{point}");
             // Once more: what a delete left of the qgroups goes at the next one.
+            let mut c = p.h().controller().await;
             c.delete_volume(delete_req(id)).await.unwrap();
             assert!(
                 qgroups(&p.pool).iter().all(|q| q.id != qgroup_id(1, sid)),

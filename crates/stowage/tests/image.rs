@@ -243,22 +243,9 @@ async fn stats(p: &mut ImagePool, v: &Vol, path: &Path) -> csi::NodeGetVolumeSta
         .into_inner()
 }
 
-fn have_tool(fs: &str, test: &str) -> bool {
-    let tool = format!("mkfs.{fs}");
-    let found = std::env::var_os("PATH").is_some_and(|paths| {
-        std::env::split_paths(&paths)
-            .chain(["/usr/sbin".into(), "/sbin".into()])
-            .any(|d| d.join(&tool).exists())
-    });
-    if !found {
-        loud!("SKIPPED (no {tool}): {test}");
-    }
-    found
-}
-
 async fn hard_limit_for(fs: &str, bytes: i64) {
     let test = format!("image_{fs}_volume_is_hard_limited");
-    if !have_tool(fs, &test) {
+    if !have_mkfs(fs, &test) {
         return;
     }
     let Some(mut p) = ImagePool::start(&test).await else {
@@ -403,7 +390,7 @@ async fn image_block_volume_takes_writes_up_to_its_size() {
 
 async fn expand_online(fs: &str, from: i64, to: i64) {
     let test = format!("image_{fs}_grows_online");
-    if !have_tool(fs, &test) {
+    if !have_mkfs(fs, &test) {
         return;
     }
     let Some(mut p) = ImagePool::start(&test).await else {
@@ -740,7 +727,7 @@ async fn image_stage_intent_node_expand_intent_and_block_stage_survive_a_crash()
             return;
         };
         // xfs: it grows online without CAP_SYS_RESOURCE, which ext4 needs.
-        if !have_tool("xfs", test) {
+        if !have_mkfs("xfs", test) {
             return;
         }
         let v = create(&mut p, "intent", 300 * MIB, fs_cap("xfs")).await;

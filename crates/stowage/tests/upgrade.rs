@@ -349,19 +349,7 @@ struct Probe {
 
 impl Probe {
     async fn channel(&self) -> Result<tonic::transport::Channel, String> {
-        let path = self.endpoint.trim_start_matches("unix://").to_owned();
-        tonic::transport::Endpoint::try_from("http://[::1]:50051")
-            .map_err(|e| e.to_string())?
-            .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-                let path = path.clone();
-                async move {
-                    tokio::net::UnixStream::connect(path)
-                        .await
-                        .map(hyper_util::rt::TokioIo::new)
-                }
-            }))
-            .await
-            .map_err(|e| e.to_string())
+        connect_unix(self.endpoint.trim_start_matches("unix://")).await
     }
 }
 

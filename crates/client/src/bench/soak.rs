@@ -161,6 +161,16 @@ struct Vol {
     source: Option<String>,
 }
 
+impl Vol {
+    /// The volume's id, or, for a name the model believes absent, an id of the driver's shape
+    /// that it never minted (the call must then answer as for an unknown volume).
+    fn id_or_unknown(&self, rng: &mut Rng) -> String {
+        self.id
+            .clone()
+            .unwrap_or_else(|| format!("stw-{:032x}", rng.next()))
+    }
+}
+
 /// What the model believes of a snapshot name.
 #[derive(Debug, Clone, Default)]
 struct Snap {
@@ -513,9 +523,7 @@ async fn one_op(s: &Shared, client: usize, rng: &mut Rng) {
         Op::Stage => {
             let name = any_vol(rng);
             let mut v = s.vols[&name].lock().await;
-            let id =
-                v.id.clone()
-                    .unwrap_or_else(|| format!("stw-{:032x}", rng.next()));
+            let id = v.id_or_unknown(rng);
             let (state, allowed): (&str, &[Code]) = if v.id.is_some() {
                 ("exists", &[Code::Ok])
             } else {
@@ -539,9 +547,7 @@ async fn one_op(s: &Shared, client: usize, rng: &mut Rng) {
         Op::Unstage => {
             let name = any_vol(rng);
             let mut v = s.vols[&name].lock().await;
-            let id =
-                v.id.clone()
-                    .unwrap_or_else(|| format!("stw-{:032x}", rng.next()));
+            let id = v.id_or_unknown(rng);
             let (state, allowed): (&str, &[Code]) = match (&v.id, v.published) {
                 (None, _) => ("absent", &[Code::Ok, Code::NotFound]),
                 (Some(_), true) => ("published", &[Code::FailedPrecondition]),
@@ -566,9 +572,7 @@ async fn one_op(s: &Shared, client: usize, rng: &mut Rng) {
         Op::Publish => {
             let name = any_vol(rng);
             let mut v = s.vols[&name].lock().await;
-            let id =
-                v.id.clone()
-                    .unwrap_or_else(|| format!("stw-{:032x}", rng.next()));
+            let id = v.id_or_unknown(rng);
             let (state, allowed): (&str, &[Code]) = match (&v.id, v.staged) {
                 (None, _) => ("absent", &[Code::NotFound]),
                 (Some(_), false) => ("not staged", &[Code::FailedPrecondition]),
@@ -597,9 +601,7 @@ async fn one_op(s: &Shared, client: usize, rng: &mut Rng) {
         Op::Unpublish => {
             let name = any_vol(rng);
             let mut v = s.vols[&name].lock().await;
-            let id =
-                v.id.clone()
-                    .unwrap_or_else(|| format!("stw-{:032x}", rng.next()));
+            let id = v.id_or_unknown(rng);
             let (state, allowed): (&str, &[Code]) = if v.id.is_some() {
                 ("exists", &[Code::Ok])
             } else {
@@ -651,9 +653,7 @@ async fn one_op(s: &Shared, client: usize, rng: &mut Rng) {
             }
             let name = any_vol(rng);
             let mut v = s.vols[&name].lock().await;
-            let id =
-                v.id.clone()
-                    .unwrap_or_else(|| format!("stw-{:032x}", rng.next()));
+            let id = v.id_or_unknown(rng);
             // At most four times the pool's size, in steps of a quarter of it.
             let want = (v.capacity + pool.size / 4).min(pool.size * 4);
             let (state, allowed): (&str, &[Code]) = if v.id.is_some() {
@@ -713,9 +713,7 @@ async fn one_op(s: &Shared, client: usize, rng: &mut Rng) {
         Op::Stats => {
             let name = any_vol(rng);
             let v = s.vols[&name].lock().await;
-            let id =
-                v.id.clone()
-                    .unwrap_or_else(|| format!("stw-{:032x}", rng.next()));
+            let id = v.id_or_unknown(rng);
             let (state, allowed): (&str, &[Code]) = if v.id.is_some() && v.staged {
                 ("staged", &[Code::Ok])
             } else {

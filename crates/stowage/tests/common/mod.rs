@@ -167,19 +167,7 @@ impl Harness {
         if !Path::new(path).exists() {
             return Err("no socket yet".into());
         }
-        let path = path.to_owned();
-        tonic::transport::Endpoint::try_from("http://[::1]:50051")
-            .map_err(|e| e.to_string())?
-            .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-                let path = path.clone();
-                async move {
-                    tokio::net::UnixStream::connect(path)
-                        .await
-                        .map(hyper_util::rt::TokioIo::new)
-                }
-            }))
-            .await
-            .map_err(|e| e.to_string())
+        connect_unix(path).await
     }
 
     pub async fn channel(&self) -> Channel {
@@ -292,6 +280,37 @@ impl Harness {
         let start = (self.log_start as usize).min(text.len());
         String::from_utf8_lossy(&text[start..]).into_owned()
     }
+}
+
+/// A gRPC connection to the Unix socket at `path`, or why there is none.
+pub async fn connect_unix(path: &str) -> Result<Channel, String> {
+    let path = path.to_owned();
+    tonic::transport::Endpoint::try_from("http://[::1]:50051")
+        .map_err(|e| e.to_string())?
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let path = path.clone();
+            async move {
+                tokio::net::UnixStream::connect(path)
+                    .await
+                    .map(hyper_util::rt::TokioIo::new)
+            }
+        }))
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// Whether `mkfs.<fs>` is installed; says SKIPPED for `test` when it is not.
+pub fn have_mkfs(fs: &str, test: &str) -> bool {
+    let tool = format!("mkfs.{fs}");
+    let found = std::env::var_os("PATH").is_some_and(|paths| {
+        std::env::split_paths(&paths)
+            .chain(["/usr/sbin".into(), "/sbin".into()])
+            .any(|d| d.join(&tool).exists())
+    });
+    if !found {
+        loud!("SKIPPED (no {tool}): {test}");
+    }
+    found
 }
 
 /// Mount points under `dir`, deepest first, from this process's mount table.
