@@ -71,7 +71,7 @@ impl GroupSync {
         let covers = self.written.load(Ordering::Acquire);
         flush()?;
         self.flushes.fetch_add(1, Ordering::Relaxed);
-        crate::metrics::recorder().batch(self.log, covers.saturating_sub(*flushed));
+        crate::recorder::recorder().batch(self.log, covers.saturating_sub(*flushed));
         *flushed = covers;
         Ok(())
     }

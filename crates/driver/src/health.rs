@@ -9,7 +9,6 @@
 //! Probe answers the same check (`ready=false` exactly when `/readyz` is 503).
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,32 +18,15 @@ use hyper::{Method, Request, Response, StatusCode};
 use prometheus_client::registry::Registry;
 use stowage_core::config::PoolKind;
 use stowage_core::{Error, Result};
-use stowage_sys::fs::{self as sysfs, FsSpace};
+use stowage_sys::fs as sysfs;
 use tokio::net::TcpListener;
 
 use crate::engine::Engine;
 use crate::pool::Pool;
 
-/// The directory of a pool that the readiness check and the space figures look at: where
-/// the pool's backend keeps its volumes.
-pub fn pool_dir(pool: &Pool) -> PathBuf {
-    match pool.kind() {
-        PoolKind::Dir | PoolKind::Btrfs => pool.path().join("volumes"),
-        PoolKind::Image => pool.path().join("images"),
-        PoolKind::Static => pool.path().to_owned(),
-    }
-}
-
-/// Space of the filesystem holding the pool's directory.
-pub fn pool_space(pool: &Pool) -> std::result::Result<FsSpace, String> {
-    let dir = pool_dir(pool);
-    let fd = sysfs::open_trusted_dir(&dir).map_err(|e| e.to_string())?;
-    sysfs::fs_space(std::os::fd::AsFd::as_fd(&fd)).map_err(|e| e.to_string())
-}
-
 /// Why a pool cannot take new volumes now, if it cannot.
 fn pool_problem(pool: &Pool) -> Option<String> {
-    let dir = pool_dir(pool);
+    let dir = pool.data_dir();
     let fd = match sysfs::open_trusted_dir(&dir) {
         Ok(fd) => fd,
         Err(e) => return Some(format!("pool {:?} is not reachable: {e}", pool.name())),

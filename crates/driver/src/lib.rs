@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod node;
 pub mod phases;
 pub mod pool;
+pub mod recorder;
 pub mod server;
 pub mod service;
 pub mod snapshots;

@@ -1,11 +1,7 @@
 //! Prometheus metrics (`--metrics-address`).
 //!
-//! Two halves:
-//! - [`recorder`]: the process-wide counters and histograms that calls update as they happen
-//!   (RPCs by method and code, their latency, group-commit batch sizes, start-up
-//!   reconciliation). Global, so the places that count (`Driver::call`, `GroupSync`) need no
-//!   handle threaded through them, and cheap: an atomic add per call.
-//! - [`registry`]: what a scrape encodes: those, plus figures read at scrape time from the
+//! [`registry`] is what a scrape encodes: the counters and histograms of
+//! [`crate::recorder`], which calls update as they happen, plus figures read at scrape time from the
 //!   store, the pools and `/proc/self` (volumes and snapshots per pool, pool space, loop
 //!   devices, pending intents, process resources), so nothing has to be kept in step.
 //!
@@ -13,163 +9,21 @@
 //! of the 17 gRPC codes, `pool` one of the configured pools; no volume, snapshot or request
 //! field is ever a label value.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::sync::Arc;
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
-use prometheus_client::metrics::counter::{ConstCounter, Counter};
-use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
-use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 use stowage_core::config::PoolKind;
 
 use crate::engine::Engine;
+use crate::recorder::recorder;
 
 /// `Content-Type` of what [`encode`] writes.
 pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
-
-/// Upper bounds of the RPC latency buckets, in seconds: from a Probe's fraction of a
-/// millisecond to a minute-long copy of a large volume.
-const RPC_BUCKETS: [f64; 16] = [
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-    60.0,
-];
-
-/// Upper bounds of the group-commit batch buckets (writes one flush made durable).
-const BATCH_BUCKETS: [f64; 8] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0];
-
-/// Labels of `stowage_rpc_requests_total`.
-#[derive(Debug, Clone, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
-struct RpcLabels {
-    method: &'static str,
-    code: &'static str,
-}
-
-/// Labels of `stowage_rpc_duration_seconds`.
-#[derive(Debug, Clone, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
-struct MethodLabels {
-    method: &'static str,
-}
-
-/// Labels of `stowage_group_commit_batch_writes`.
-#[derive(Debug, Clone, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
-struct LogLabels {
-    log: &'static str,
-}
-
-/// Labels of `stowage_reconcile_state`.
-#[derive(Debug, Clone, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
-struct StateLabels {
-    state: &'static str,
-}
-
-fn rpc_histogram() -> Histogram {
-    Histogram::new(RPC_BUCKETS)
-}
-
-fn batch_histogram() -> Histogram {
-    Histogram::new(BATCH_BUCKETS)
-}
-
-/// The process-wide counters and histograms.
-#[derive(Debug)]
-pub struct Recorder {
-    rpc_requests: Family<RpcLabels, Counter>,
-    rpc_duration: Family<MethodLabels, Histogram, fn() -> Histogram>,
-    batches: Family<LogLabels, Histogram, fn() -> Histogram>,
-    reconcile_duration: Gauge<f64, AtomicU64>,
-    reconcile_state: Family<StateLabels, Gauge>,
-    /// Nanoseconds the reconciliation took, for the log and the health endpoint.
-    reconciled_in: AtomicU64,
-}
-
-/// The reconciliation states `stowage_reconcile_state` has a series for.
-const RECONCILE_STATES: [&str; 3] = ["running", "done", "failed"];
-
-/// The one recorder of this process.
-pub fn recorder() -> &'static Recorder {
-    static RECORDER: OnceLock<Recorder> = OnceLock::new();
-    RECORDER.get_or_init(|| {
-        let r = Recorder {
-            rpc_requests: Family::default(),
-            rpc_duration: Family::new_with_constructor(rpc_histogram),
-            batches: Family::new_with_constructor(batch_histogram),
-            reconcile_duration: Gauge::default(),
-            reconcile_state: Family::default(),
-            reconciled_in: AtomicU64::new(0),
-        };
-        for state in RECONCILE_STATES {
-            drop(r.reconcile_state.get_or_create(&StateLabels { state }));
-        }
-        r
-    })
-}
-
-impl Recorder {
-    /// Counts one finished RPC (every one: served, refused, unimplemented, polled).
-    pub fn rpc(&self, method: &'static str, code: tonic::Code, elapsed: Duration) {
-        self.rpc_requests
-            .get_or_create(&RpcLabels {
-                method,
-                code: code_name(code),
-            })
-            .inc();
-        self.rpc_duration
-            .get_or_create(&MethodLabels { method })
-            .observe(elapsed.as_secs_f64());
-    }
-
-    /// Notes one group-commit flush of `log` that made `writes` writes durable.
-    pub fn batch(&self, log: &'static str, writes: u64) {
-        self.batches
-            .get_or_create(&LogLabels { log })
-            .observe(writes as f64);
-    }
-
-    /// Notes where start-up reconciliation is: "running", "done" or "failed", and, once it
-    /// ended, how long it took.
-    pub fn reconcile(&self, state: &'static str, took: Option<Duration>) {
-        for s in RECONCILE_STATES {
-            self.reconcile_state
-                .get_or_create(&StateLabels { state: s })
-                .set(i64::from(s == state));
-        }
-        if let Some(took) = took {
-            self.reconcile_duration.set(took.as_secs_f64());
-            self.reconciled_in
-                .store(took.as_nanos() as u64, Ordering::Relaxed);
-        }
-    }
-}
-
-/// The gRPC name of a code as gRPC's own tooling prints it (and as the per-call log line's
-/// `outcome` has always read): `OK`, `NotFound`, `InvalidArgument`, …
-pub fn code_name(code: tonic::Code) -> &'static str {
-    use tonic::Code::*;
-    match code {
-        Ok => "OK",
-        Cancelled => "Canceled",
-        Unknown => "Unknown",
-        InvalidArgument => "InvalidArgument",
-        DeadlineExceeded => "DeadlineExceeded",
-        NotFound => "NotFound",
-        AlreadyExists => "AlreadyExists",
-        PermissionDenied => "PermissionDenied",
-        ResourceExhausted => "ResourceExhausted",
-        FailedPrecondition => "FailedPrecondition",
-        Aborted => "Aborted",
-        OutOfRange => "OutOfRange",
-        Unimplemented => "Unimplemented",
-        Internal => "Internal",
-        Unavailable => "Unavailable",
-        DataLoss => "DataLoss",
-        Unauthenticated => "Unauthenticated",
-    }
-}
 
 /// A registry of every family, the scrape-time ones read from `engine`.
 pub fn registry(engine: Arc<Engine>) -> Registry {
@@ -292,7 +146,7 @@ impl Collector for EngineCollector {
         let mut loops = Vec::new();
         for pool in engine.pools.values() {
             let kind = kind_name(pool.kind());
-            match crate::health::pool_space(pool) {
+            match pool.space() {
                 Ok(space) => {
                     capacity.push((pool.name(), kind, space.bytes_total as i64));
                     free.push((pool.name(), kind, space.bytes_available as i64));
@@ -411,13 +265,7 @@ impl Collector for ProcessCollector {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn every_code_has_its_grpc_name() {
-        assert_eq!(code_name(tonic::Code::Ok), "OK");
-        assert_eq!(code_name(tonic::Code::NotFound), "NotFound");
-        assert_eq!(code_name(tonic::Code::Cancelled), "Canceled");
-    }
+    use std::time::Duration;
 
     #[test]
     fn recorded_calls_are_encoded_with_their_labels() {

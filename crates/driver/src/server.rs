@@ -166,7 +166,7 @@ pub async fn serve(opts: ServeOptions, shutdown: impl Future<Output = ()> + Send
     // instead of a driver that is never ready and never says why.
     let reconciling = Arc::clone(&engine);
     let (failed_tx, failed_rx) = tokio::sync::oneshot::channel::<Error>();
-    crate::metrics::recorder().reconcile("running", None);
+    crate::recorder::recorder().reconcile("running", None);
     tokio::task::spawn_blocking(move || {
         let started = std::time::Instant::now();
         hold_reconciliation_for_tests();
@@ -174,14 +174,14 @@ pub async fn serve(opts: ServeOptions, shutdown: impl Future<Output = ()> + Send
         let took = started.elapsed();
         match outcome {
             Ok(()) => {
-                crate::metrics::recorder().reconcile("done", Some(took));
+                crate::recorder::recorder().reconcile("done", Some(took));
                 tracing::info!(
                     duration_ms = took.as_micros() as f64 / 1e3,
                     "reconciled; ready"
                 )
             }
             Err(e) => {
-                crate::metrics::recorder().reconcile("failed", Some(took));
+                crate::recorder::recorder().reconcile("failed", Some(took));
                 tracing::error!(error = %e, "start-up reconciliation failed; stopping");
                 let _ = failed_tx.send(e);
             }

@@ -17,7 +17,7 @@ use stowage_csi::v1::plugin_capability::service::Type as PluginService;
 use tonic::{Request, Response, Status};
 
 use crate::engine::Engine;
-use crate::metrics::code_name;
+use crate::recorder::code_name;
 
 /// Which CSI services this process serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -130,7 +130,7 @@ impl Driver {
     {
         let start = Instant::now();
         if let Err(refused) = self.serves(service) {
-            crate::metrics::recorder().rpc(rpc, refused.code(), start.elapsed());
+            crate::recorder::recorder().rpc(rpc, refused.code(), start.elapsed());
             tracing::info!(method = rpc, outcome = code_name(refused.code()));
             return Err(refused);
         }
@@ -188,7 +188,7 @@ impl Driver {
         // Whole microseconds, so the JSON reads 3.332, not 3.3319780000000003.
         let duration_ms = elapsed.as_micros() as f64 / 1e3;
         let code = result.as_ref().err().map_or(tonic::Code::Ok, Error::code);
-        crate::metrics::recorder().rpc(rpc, code, elapsed);
+        crate::recorder::recorder().rpc(rpc, code, elapsed);
         let outcome = code_name(code);
         match &result {
             Ok(_) => tracing::info!(method = rpc, volume = %subject, outcome, duration_ms),
@@ -254,7 +254,7 @@ impl csi::identity_server::Identity for Driver {
         let problems = tokio::task::spawn_blocking(move || crate::health::readiness(&engine))
             .await
             .unwrap_or_else(|e| vec![format!("readiness check failed: {e}")]);
-        crate::metrics::recorder().rpc("Probe", tonic::Code::Ok, start.elapsed());
+        crate::recorder::recorder().rpc("Probe", tonic::Code::Ok, start.elapsed());
         tracing::debug!(
             method = "Probe",
             outcome = "OK",
@@ -276,7 +276,7 @@ impl Driver {
         let start = Instant::now();
         let served = service.map_or(Ok(()), |s| self.serves(s));
         let code = served.as_ref().err().map_or(tonic::Code::Ok, Status::code);
-        crate::metrics::recorder().rpc(rpc, code, start.elapsed());
+        crate::recorder::recorder().rpc(rpc, code, start.elapsed());
         tracing::debug!(method = rpc, outcome = code_name(code));
         served
     }
@@ -291,7 +291,7 @@ fn unimplemented<T>(driver: &Driver, rpc: &'static str) -> Result<Response<T>, S
         ))
         .into(),
     };
-    crate::metrics::recorder().rpc(rpc, refused.code(), start.elapsed());
+    crate::recorder::recorder().rpc(rpc, refused.code(), start.elapsed());
     tracing::info!(method = rpc, outcome = code_name(refused.code()));
     Err(refused)
 }

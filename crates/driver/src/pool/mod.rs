@@ -391,6 +391,22 @@ impl Pool {
         &self.path
     }
 
+    /// The directory the pool's backend keeps its volumes in: what the readiness check and
+    /// the space figures look at.
+    pub fn data_dir(&self) -> PathBuf {
+        match self.kind {
+            PoolKind::Dir | PoolKind::Btrfs => self.path.join("volumes"),
+            PoolKind::Image => self.path.join("images"),
+            PoolKind::Static => self.path.clone(),
+        }
+    }
+
+    /// Space of the filesystem holding [`Pool::data_dir`].
+    pub fn space(&self) -> std::result::Result<stowage_sys::fs::FsSpace, String> {
+        let fd = sysfs::open_trusted_dir(&self.data_dir()).map_err(|e| e.to_string())?;
+        sysfs::fs_space(fd.as_fd()).map_err(|e| e.to_string())
+    }
+
     /// Backend kind, for messages; behaviour goes through [`Pool::backend`].
     pub fn kind(&self) -> PoolKind {
         self.kind
