@@ -537,6 +537,13 @@ impl Engine {
         }
     }
 
+    /// One round of the pools' background upkeep ([`crate::pool::PoolBackend::tidy`]).
+    pub fn tidy_pools(&self) {
+        for pool in self.pools.values() {
+            pool.backend().tidy();
+        }
+    }
+
     /// Claims the guard of a volume id.
     pub(crate) fn claim(&self, id: &VolumeId) -> Result<Guard> {
         self.guards.claim(format!("volume {id}"))

@@ -24,6 +24,8 @@ use crate::pool::Pool;
 use crate::service::{Driver, Mode};
 use crate::store::Store;
 
+/// How often the pools' background upkeep runs ([`crate::pool::PoolBackend::tidy`]).
+const TIDY_INTERVAL: Duration = Duration::from_secs(5);
 /// How long shutdown waits for calls in flight.
 const DRAIN_LIMIT: Duration = Duration::from_secs(30);
 /// How long nothing must be in flight before a draining server exits (see [`serve`]).
@@ -207,6 +209,25 @@ pub async fn serve(opts: ServeOptions, shutdown: impl Future<Output = ()> + Send
             }
         })
     });
+    // The pools' own upkeep (btrfs: qgroups of destroyed subvolumes the kernel left), always
+    // on, whatever --watch-interval says; stopped when serving ends.
+    let tidy = {
+        let engine = Arc::clone(&engine);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(TIDY_INTERVAL);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                if !engine.is_ready() {
+                    continue;
+                }
+                let engine = Arc::clone(&engine);
+                if let Err(e) = tokio::task::spawn_blocking(move || engine.tidy_pools()).await {
+                    tracing::warn!(error = %e, "the pools' background upkeep failed");
+                }
+            }
+        })
+    };
     let mut reconcile_failed: Option<Error> = None;
     let shutdown = async {
         tokio::pin!(shutdown);
@@ -268,6 +289,7 @@ pub async fn serve(opts: ServeOptions, shutdown: impl Future<Output = ()> + Send
     if let Some(watch) = watch {
         watch.abort();
     }
+    tidy.abort();
     for task in http {
         task.abort();
     }

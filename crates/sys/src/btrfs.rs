@@ -599,7 +599,8 @@ pub fn enable_quota(fs: BorrowedFd<'_>, simple: bool) -> SysResult<()> {
 
 /// Creates (`create`) or removes qgroup `qgroup` (an id of [`qgroup_id`]; a subvolume id is
 /// its level-0 qgroup) (BTRFS_IOC_QGROUP_CREATE). Removal is EBUSY while the qgroup has
-/// members, or (level 0) while its subvolume exists.
+/// members, or (level 0) while it references bytes (its subvolume, even destroyed, is not
+/// yet dropped by the cleaner) and, on Linux 6.8 and later, while its subvolume exists.
 pub fn qgroup_create(fs: BorrowedFd<'_>, qgroup: u64, create: bool) -> SysResult<()> {
     let args = raw::QgroupCreateArgs {
         create: u64::from(create),

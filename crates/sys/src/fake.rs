@@ -189,7 +189,10 @@ const FAILABLE: [&str; 30] = [
 ///   subvolume's qgroup is a member of (the kernel's auto-inheritance, Linux 6.7 and later;
 ///   full qgroups do not do it). A destroyed subvolume keeps its qgroup until removed.
 ///   Removing the qgroup of a live subvolume, or one with members, is EBUSY, as on Linux 6.8
-///   and later. Counters are what the test sets ([`FakeKernel::set_qgroup_referenced`]); a
+///   and later; so is removing a level-0 qgroup that still references bytes (a destroyed
+///   subvolume the kernel's cleaner has not dropped yet: [`FakeKernel::set_qgroup_referenced`]
+///   to 0 plays the drop), as on every kernel with the fix that forbids deleting a live
+///   subvolume's qgroup (stable 5.4 and later, 6.1 included). Counters are what the test sets ([`FakeKernel::set_qgroup_referenced`]); a
 ///   higher level's are not summed. The quota mode starts `Off`.
 /// - Freezing marks the filesystem (the device of the fd's inode) frozen; nothing blocks.
 ///   Freezing a frozen one is EBUSY and thawing one not frozen answers `false`, as the
@@ -834,6 +837,18 @@ impl Kernel for FakeKernel {
             return Err(SysError::new(
                 "fake btrfs",
                 format!("qgroup {}: subvolume exists", qgroup_name(qgroup)),
+                Errno::BUSY,
+            ));
+        }
+        if qgroup >> 48 == 0
+            && state
+                .qgroups
+                .iter()
+                .any(|q| q.id == qgroup && q.referenced != 0)
+        {
+            return Err(SysError::new(
+                "fake btrfs",
+                format!("qgroup {}: still references bytes", qgroup_name(qgroup)),
                 Errno::BUSY,
             ));
         }

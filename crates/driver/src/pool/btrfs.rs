@@ -155,7 +155,7 @@ impl BtrfsBackend {
             pending: Mutex::new(cfg.path.join(PENDING_FILE)),
         };
         pool.load_subvolumes()?;
-        pool.remove_pending_qgroups();
+        pool.remove_pending_qgroups(true);
         tracing::info!(
             pool = %cfg.name, path = %cfg.path.display(), quotas = mode_name(mode), overcommit,
             "pool capacity is enforced: each volume is a btrfs subvolume whose qgroup limits \
@@ -466,13 +466,15 @@ impl BtrfsBackend {
     }
 
     /// Removes the qgroups of the pending list that can go now — a level-1 qgroup of a volume
-    /// that no longer exists (its members taken out first), a level-0 qgroup that counts
-    /// nothing (a live subvolume always references its root) — and drops them, and those
-    /// already gone, from the list. Logs what fails; never fails.
-    fn remove_pending_qgroups(&self) {
+    /// that no longer exists (its members taken out first; only with `level_1`, as a
+    /// deletion in progress lists its volume's before destroying it), a level-0 qgroup that
+    /// counts nothing (a live subvolume always references its root) — and drops them, and
+    /// those already gone, from the list; commits when the list changed. Logs what fails;
+    /// never fails.
+    fn remove_pending_qgroups(&self, level_1: bool) {
         let path = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
         let pending = Self::read_pending(&path);
-        if pending.is_empty() {
+        if pending.is_empty() || (!level_1 && pending.iter().all(|id| id >> 48 != 0)) {
             return;
         }
         let all = match self.qgroups() {
@@ -485,7 +487,11 @@ impl BtrfsBackend {
         let live: Vec<u64> = self.map().values().copied().collect();
         let fs = self.volumes.as_fd();
         let mut keep = Vec::new();
-        for id in pending {
+        for &id in &pending {
+            if !level_1 && id >> 48 != 0 {
+                keep.push(id);
+                continue;
+            }
             let Some(q) = all.iter().find(|q| q.id == id) else {
                 continue;
             };
@@ -509,6 +515,9 @@ impl BtrfsBackend {
                     keep.push(id);
                 }
             }
+        }
+        if keep == pending {
+            return;
         }
         if let Err(e) = self
             .write_pending(&path, &keep)
@@ -763,7 +772,7 @@ impl PoolBackend for BtrfsBackend {
         let Some(sid) = self.subvolume_of(&vol.id)? else {
             self.map().remove(vol.id.as_str());
             self.escapes().remove(vol.id.as_str());
-            self.remove_pending_qgroups();
+            self.remove_pending_qgroups(true);
             return Ok(());
         };
         super::refuse_if_mounted(None, &vol.id)?;
@@ -814,8 +823,9 @@ impl PoolBackend for BtrfsBackend {
                 Ok(()) => {}
                 Err(e) if e.errno == Errno::NOENT => {}
                 // The cleaner has not dropped the subvolume yet; the kernel removes the
-                // qgroup of a fully dropped subvolume itself (Linux 6.8 and later), the
-                // pending list covers older ones.
+                // qgroup of a fully dropped subvolume itself (Linux 6.8 and later); on older
+                // ones the background round ([`PoolBackend::tidy`]) removes it from the
+                // pending list once it counts nothing.
                 Err(e) if e.errno == Errno::BUSY => busy.push(sub),
                 Err(e) => {
                     tracing::warn!(pool = %self.name, volume = %vol.id, error = %e, "removing the qgroup of a destroyed subvolume failed")
@@ -830,7 +840,7 @@ impl PoolBackend for BtrfsBackend {
         self.map().remove(vol.id.as_str());
         self.escapes().remove(vol.id.as_str());
         // The level-1 qgroup, now without members, and what earlier deletions left.
-        self.remove_pending_qgroups();
+        self.remove_pending_qgroups(true);
         crate::crash::point("btrfs-delete-after-qgroups");
         self.commit()?;
         Ok(())
@@ -896,6 +906,14 @@ impl PoolBackend for BtrfsBackend {
     /// that window by time, between the kubelet's stats calls.
     fn watches(&self) -> bool {
         true
+    }
+
+    /// Removes the level-0 qgroups of destroyed subvolumes that the pending list holds once
+    /// the kernel's cleaner has dropped them (they count nothing then): a kernel before 6.8
+    /// never removes them itself, and a deletion cannot wait for the cleaner. Level-1
+    /// entries are left to the deletion that wrote them (and to the start).
+    fn tidy(&self) {
+        self.remove_pending_qgroups(false);
     }
 
     fn watch(&self, vol: &VolumeRecord) -> Result<()> {
@@ -1589,6 +1607,66 @@ mod tests {
             kernel.qgroup(kept_sid).unwrap().parents,
             vec![group_of(kept_sid)]
         );
+    }
+
+    /// Linux before 6.8 (Debian 12's 6.1): a destroyed subvolume's level-0 qgroup is EBUSY
+    /// at deletion (it still references its tree until the cleaner drops it) and the kernel
+    /// never removes it afterwards. The background round does, once it counts nothing,
+    /// with no other deletion nor a restart; it leaves a level-1 entry alone (a deletion
+    /// in progress lists its volume's qgroup before destroying the subvolume).
+    #[test]
+    fn the_background_round_removes_qgroups_the_cleaner_freed_after_deletion() {
+        let dir = tempfile::tempdir().unwrap();
+        let kernel = Arc::new(FakeKernel::new());
+        kernel.set_btrfs_quota_mode(BtrfsQuotaMode::Qgroups {
+            inconsistent: false,
+        });
+        let pool = pool_with(&kernel, dir.path());
+        let vol = record(1, 4 << 20);
+        pool.create(&vol).unwrap();
+        let sid = kernel.subvolumes()[0];
+        let nested = nest(&kernel, &pool, &vol, "nested");
+        // Made now: the fake, unlike btrfs, reuses the ids of destroyed subvolumes.
+        let other = record(2, 4 << 20);
+        pool.create(&other).unwrap();
+        let other_sid = pool.subvolume_of(&other.id).unwrap().unwrap();
+        // Not yet dropped when the deletion destroys them: they still reference bytes.
+        kernel.set_qgroup_referenced(sid, 16 << 10);
+        kernel.set_qgroup_referenced(nested, 16 << 10);
+        pool.delete(&vol).unwrap();
+        assert_eq!(kernel.subvolumes(), vec![other_sid]);
+        assert!(kernel.qgroup(group_of(sid)).is_none());
+        let pending = dir.path().join("pool").join(PENDING_FILE);
+        let listed = std::fs::read_to_string(&pending).unwrap();
+        assert_eq!(listed, format!("0/{nested}\n0/{sid}\n"));
+        // Still counting: the round keeps them, and touches nothing.
+        kernel.clear();
+        pool.tidy();
+        assert!(kernel.qgroup(sid).is_some() && kernel.qgroup(nested).is_some());
+        assert!(!kernel.calls().iter().any(|c| matches!(
+            c,
+            KernelCall::BtrfsQgroupRemove { .. } | KernelCall::BtrfsCommit
+        )));
+        assert_eq!(std::fs::read_to_string(&pending).unwrap(), listed);
+        // A deletion in progress elsewhere listed its level-1 qgroup: not the round's.
+        pool.add_pending(&[group_of(other_sid)]).unwrap();
+        // The cleaner dropped the subvolumes: the next round removes their qgroups.
+        kernel.set_qgroup_referenced(sid, 0);
+        kernel.set_qgroup_referenced(nested, 0);
+        kernel.clear();
+        pool.tidy();
+        assert!(kernel.qgroup(sid).is_none() && kernel.qgroup(nested).is_none());
+        assert!(kernel.calls().contains(&KernelCall::BtrfsCommit));
+        assert_eq!(
+            std::fs::read_to_string(&pending).unwrap(),
+            format!("{}\n", qgroup_name(group_of(other_sid)))
+        );
+        assert!(kernel.qgroup(group_of(other_sid)).is_some());
+        // Nothing left for it: a round costs no kernel call.
+        std::fs::remove_file(&pending).unwrap();
+        kernel.clear();
+        pool.tidy();
+        assert!(kernel.calls().is_empty(), "{:?}", kernel.calls());
     }
 
     #[test]

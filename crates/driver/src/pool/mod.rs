@@ -256,6 +256,12 @@ pub trait PoolBackend: SnapshotBackend + Send + Sync + Debug {
         Ok(())
     }
 
+    /// The background upkeep of the pool itself, every few seconds whatever
+    /// `--watch-interval` says: finishes what a call had to leave for later (btrfs: the
+    /// qgroups of destroyed subvolumes that the kernel refused to remove until its cleaner
+    /// dropped them). Cheap when there is nothing to do; never fails (logs).
+    fn tidy(&self) {}
+
     /// The condition of the volume's backing storage; never fails (a check that cannot be
     /// made is itself abnormal, saying why).
     fn condition(&self, vol: &VolumeRecord) -> Condition;
