@@ -14,8 +14,6 @@ use stowage_csi::v1::{
 };
 use stowage_sys::{Kernel, LinuxKernel};
 use tokio::net::UnixListener;
-use tokio_stream::wrappers::UnixListenerStream;
-use tokio_stream::StreamExt as _;
 
 use crate::authority::AuthorityFix;
 
@@ -192,42 +190,23 @@ pub async fn serve(opts: ServeOptions, shutdown: impl Future<Output = ()> + Send
     // The background watch of volumes whose kind asks for one (btrfs: nested subvolumes put
     // back under their volume's qgroup), once reconciled; stopped when serving ends.
     let watch = (!opts.watch_interval.is_zero()).then(|| {
-        let engine = Arc::clone(&engine);
-        let period = opts.watch_interval;
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(period);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                if !engine.is_ready() {
-                    continue;
-                }
-                let engine = Arc::clone(&engine);
-                if let Err(e) = tokio::task::spawn_blocking(move || engine.watch_volumes()).await {
-                    tracing::warn!(error = %e, "the background volume watch failed");
-                }
-            }
-        })
+        every(
+            &engine,
+            opts.watch_interval,
+            "the background volume watch",
+            |engine| {
+                engine.watch_volumes();
+            },
+        )
     });
     // The pools' own upkeep (btrfs: qgroups of destroyed subvolumes the kernel left), always
     // on, whatever --watch-interval says; stopped when serving ends.
-    let tidy = {
-        let engine = Arc::clone(&engine);
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(TIDY_INTERVAL);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                if !engine.is_ready() {
-                    continue;
-                }
-                let engine = Arc::clone(&engine);
-                if let Err(e) = tokio::task::spawn_blocking(move || engine.tidy_pools()).await {
-                    tracing::warn!(error = %e, "the pools' background upkeep failed");
-                }
-            }
-        })
-    };
+    let tidy = every(
+        &engine,
+        TIDY_INTERVAL,
+        "the pools' background upkeep",
+        Engine::tidy_pools,
+    );
     let mut reconcile_failed: Option<Error> = None;
     let shutdown = async {
         tokio::pin!(shutdown);
@@ -242,16 +221,40 @@ pub async fn serve(opts: ServeOptions, shutdown: impl Future<Output = ()> + Send
     };
 
     let driver = Driver::new(Arc::clone(&engine), &opts.driver_name, opts.mode);
-    let (stop_accepting, stopped) = tokio::sync::oneshot::channel::<()>();
-    // Every connection goes through the :authority adapter, so clients that send the socket
-    // path (raw or percent-encoded) as :authority are served too (authority.rs).
-    let incoming = UnixListenerStream::new(listener).map(|conn| conn.map(AuthorityFix::new));
+    let (stop_accepting, stopped) = tokio::sync::watch::channel(false);
+    // Connections are accepted here, not inside the server, so that a drain closes the
+    // listening socket at once: a client connecting during the drain is refused by the kernel
+    // (nothing sent, plainly retryable) instead of waiting in the listen backlog until the
+    // process exits and resets it. Every connection goes through the :authority adapter, so
+    // clients that send the socket path (raw or percent-encoded) as :authority are served
+    // too (authority.rs).
+    let (accepted, incoming) = tokio::sync::mpsc::channel(16);
+    let mut stop = stopped.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = stop.changed() => break,
+                conn = listener.accept() => {
+                    let conn = conn.map(|(stream, _)| AuthorityFix::new(stream));
+                    if accepted.send(conn).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    });
+    let incoming = tokio_stream::wrappers::ReceiverStream::new(incoming);
+    let counting = driver.clone();
     let server = tonic::transport::Server::builder()
+        .layer(tower::layer::layer_fn(move |routes| {
+            counting.counting(routes)
+        }))
         .add_service(IdentityServer::new(driver.clone()))
         .add_service(ControllerServer::new(driver.clone()))
         .add_service(NodeServer::new(driver.clone()))
-        .serve_with_incoming_shutdown(incoming, async {
-            let _ = stopped.await;
+        .serve_with_incoming_shutdown(incoming, async move {
+            let mut stopped = stopped;
+            let _ = stopped.changed().await;
         });
     tokio::pin!(server);
     let served = tokio::select! {
@@ -259,7 +262,7 @@ pub async fn serve(opts: ServeOptions, shutdown: impl Future<Output = ()> + Send
         () = shutdown => {
             // Stop accepting, then wait for the calls in flight; idle connections that a CO
             // keeps open do not hold the exit up.
-            let _ = stop_accepting.send(());
+            let _ = stop_accepting.send(true);
             let _ = std::fs::remove_file(&path);
             let deadline = tokio::time::Instant::now() + DRAIN_LIMIT;
             // A call counts as done when its handler returns, a moment before tonic has
@@ -361,6 +364,31 @@ fn hold_reconciliation_for_tests() {
     while Path::new(&file).exists() && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Runs `work` on a blocking thread every `period` once the engine is ready, until the
+/// returned task is aborted; a round that panics is logged as `what` failing.
+fn every(
+    engine: &Arc<Engine>,
+    period: Duration,
+    what: &'static str,
+    work: fn(&Engine),
+) -> tokio::task::JoinHandle<()> {
+    let engine = Arc::clone(engine);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if !engine.is_ready() {
+                continue;
+            }
+            let engine = Arc::clone(&engine);
+            if let Err(e) = tokio::task::spawn_blocking(move || work(&engine)).await {
+                tracing::warn!(error = %e, "{what} failed");
+            }
+        }
+    })
 }
 
 /// Resolves on SIGTERM or SIGINT.

@@ -70,9 +70,54 @@ pub(crate) enum Cost {
 /// Counts a call as in flight until dropped.
 struct InFlight(Arc<AtomicUsize>);
 
+impl InFlight {
+    fn enter(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::AcqRel);
+        InFlight(Arc::clone(count))
+    }
+}
+
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The gRPC server's routes with every request counted as in flight from the moment the
+/// server dispatches it until its response is ready ([`Driver::counting`]). Counted here, not
+/// in the handlers, a request that the server accepted before a SIGTERM but whose handler
+/// has not started yet (a loaded machine) still holds the drain up.
+#[derive(Debug, Clone)]
+pub struct Counted<S> {
+    inner: S,
+    count: Arc<AtomicUsize>,
+}
+
+impl<S, R> tower::Service<R> for Counted<S>
+where
+    S: tower::Service<R>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future =
+        std::pin::Pin<Box<dyn std::future::Future<Output = Result<S::Response, S::Error>> + Send>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: R) -> Self::Future {
+        let in_flight = InFlight::enter(&self.count);
+        let answer = self.inner.call(request);
+        Box::pin(async move {
+            let answer = answer.await;
+            drop(in_flight);
+            answer
+        })
     }
 }
 
@@ -90,6 +135,14 @@ impl Driver {
     /// Calls currently running (shutdown waits for them).
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::Acquire)
+    }
+
+    /// Wraps the server's routes so that every request counts in [`Driver::in_flight`].
+    pub fn counting<S>(&self, inner: S) -> Counted<S> {
+        Counted {
+            inner,
+            count: Arc::clone(&self.in_flight),
+        }
     }
 
     /// UNIMPLEMENTED, with a message, for a service this mode does not serve. Both services
@@ -134,8 +187,6 @@ impl Driver {
             tracing::info!(method = rpc, outcome = code_name(refused.code()));
             return Err(refused);
         }
-        self.in_flight.fetch_add(1, Ordering::AcqRel);
-        let _in_flight = InFlight(Arc::clone(&self.in_flight));
         let engine = Arc::clone(&self.engine);
         let timed = crate::phases::enabled();
         let (result, stages) = match engine.require_ready() {
