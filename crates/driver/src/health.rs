@@ -26,8 +26,7 @@ use crate::pool::Pool;
 
 /// Why a pool cannot take new volumes now, if it cannot.
 fn pool_problem(pool: &Pool) -> Option<String> {
-    let dir = pool.data_dir();
-    let fd = match sysfs::open_trusted_dir(&dir) {
+    let fd = match pool.open_data_dir() {
         Ok(fd) => fd,
         Err(e) => return Some(format!("pool {:?} is not reachable: {e}", pool.name())),
     };
@@ -41,7 +40,7 @@ fn pool_problem(pool: &Pool) -> Option<String> {
             return Some(format!(
                 "pool {:?} is on a read-only mount ({})",
                 pool.name(),
-                dir.display()
+                pool.data_dir().display()
             ))
         }
         Ok(_) => {}

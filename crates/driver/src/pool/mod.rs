@@ -407,9 +407,14 @@ impl Pool {
         }
     }
 
+    /// [`Pool::data_dir`], opened.
+    pub fn open_data_dir(&self) -> stowage_sys::SysResult<OwnedFd> {
+        sysfs::open_trusted_dir(&self.data_dir())
+    }
+
     /// Space of the filesystem holding [`Pool::data_dir`].
     pub fn space(&self) -> std::result::Result<stowage_sys::fs::FsSpace, String> {
-        let fd = sysfs::open_trusted_dir(&self.data_dir()).map_err(|e| e.to_string())?;
+        let fd = self.open_data_dir().map_err(|e| e.to_string())?;
         sysfs::fs_space(fd.as_fd()).map_err(|e| e.to_string())
     }
 
